@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint → GGUF → quantized GGUF (see the converter issue; not built yet)."""

@@ -1,0 +1,111 @@
+"""The clinical-interview simulator's contract: /generate, /health, /models, /load-model.
+
+Byte-compatible with what the simulator's Node backend reads (see DESIGN.md); fields are only
+ever added (inside `metadata`, or beside the contract's fields), never renamed or removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, current_app, jsonify
+
+from engine.api import validation as v
+from engine.errors import ModelLoadError, ModelRefused
+from engine.generation import SamplingParams, generate as run_generation
+from engine.patient import clean_reply, stop_rules
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("simulator", __name__)
+
+MAX_NEW_TOKENS = 8192
+
+
+def _host():
+    return current_app.extensions["model_host"]
+
+
+@bp.post("/generate")
+def generate():
+    """The patient's next line for the transcript in `prompt`.
+
+    Body: `prompt` (required), `max_length` (new tokens, default 150), `temperature` (default 0.7),
+    `top_p` (default 0.9); optional `top_k`, `min_p`, `repeat_penalty`, `seed`, and `stop` (a list
+    that replaces the speaker-turn stops; `[]` for none).
+    """
+    started = time.perf_counter()
+    body = v.json_body()
+    prompt = v.string(body, "prompt", required=True)
+    defaults = SamplingParams()
+    params = SamplingParams(
+        max_tokens=v.integer(body, "max_length", 150, minimum=1, maximum=MAX_NEW_TOKENS),
+        temperature=v.number(body, "temperature", defaults.temperature, minimum=0, maximum=2),
+        top_p=v.number(body, "top_p", defaults.top_p, minimum=0, maximum=1, min_inclusive=False),
+        top_k=v.integer(body, "top_k", defaults.top_k, minimum=0),
+        min_p=v.number(body, "min_p", defaults.min_p, minimum=0, maximum=1),
+        repeat_penalty=v.number(body, "repeat_penalty", defaults.repeat_penalty, minimum=0,
+                                maximum=10, min_inclusive=False),
+        seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
+    )
+    stops = stop_rules(v.string_list(body, "stop"))
+
+    with _host().use() as model:
+        result = run_generation(model.llm, prompt, params, stops, started=started)
+        model_name = model.name
+    reply = clean_reply(result.text)
+    metadata = {
+        "modelo": model_name,
+        "tokens": result.tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "prompt_tokens": result.prompt_tokens,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        "ttft_ms": round(result.ttft_s * 1000, 1),
+        "tokens_per_second": round(result.tokens_per_second, 2),
+        "finish_reason": result.finish_reason,
+    }
+    if not reply:
+        # Never silently: the caller (and the log) learn that the model said nothing usable.
+        metadata["warning"] = f"the model produced no reply text (finish_reason={result.finish_reason})"
+        log.warning("empty reply: %d tokens generated, finish_reason=%s", result.tokens, result.finish_reason)
+    return jsonify(texto=reply, confianza=round(result.confidence, 4), metadata=metadata)
+
+
+@bp.get("/health")
+def health():
+    """Liveness and which model is loaded."""
+    host = _host()
+    model = host.current
+    body = {"status": "ok", "model_loaded": model is not None, "model_path": str(host.model_dir)}
+    if model is not None:
+        body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx)
+    return jsonify(body)
+
+
+@bp.get("/models")
+def models():
+    """The GGUF files under MODEL_PATH (and which one is loaded)."""
+    host = _host()
+    model = host.current
+    return jsonify(models=host.list_models(), model_path=str(host.model_dir),
+                   loaded=model.name if model else None)
+
+
+@bp.post("/load-model")
+def load_model():
+    """Switch to another GGUF under MODEL_PATH; on any failure the current model stays loaded."""
+    body = v.json_body()
+    name = v.string(body, "model_name", required=True)
+    folder = v.string(body, "model_path")
+    host = _host()
+    path = host.resolve_request_path(name, folder)
+    try:
+        loaded = host.load(path)
+    except (ModelRefused, ModelLoadError) as exc:
+        current = host.current
+        keep = f"; still serving {current.name}" if current else ""
+        raise type(exc)(exc.message + keep, field="model_name") from exc
+    return jsonify(status="success", model_name=loaded.name,
+                   message=f"model {loaded.name} loaded in {loaded.load_seconds:.2f} s")

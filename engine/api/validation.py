@@ -1,0 +1,90 @@
+"""Request-body validation shared by the API surfaces: each failure names its field (400)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from flask import request
+
+from engine.errors import BadRequest
+
+_MISSING = object()
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object, or a 400 that says why there is none."""
+    body = request.get_json(silent=True)
+    if body is None:
+        raise BadRequest("the request body must be JSON (Content-Type: application/json)")
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def string(body: dict, name: str, *, required: bool = False, default: str | None = None,
+           non_empty: bool = True) -> str | None:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        if required:
+            raise BadRequest(f"'{name}' is required", field=name)
+        return default
+    if not isinstance(value, str):
+        raise BadRequest(f"'{name}' must be a string, not {_kind(value)}", field=name)
+    if non_empty and not value.strip():
+        raise BadRequest(f"'{name}' must not be empty", field=name)
+    return value
+
+
+def integer(body: dict, name: str, default: int | None, *, minimum: int | None = None,
+            maximum: int | None = None) -> int | None:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    # JSON has one number type: accept 150.0 for 150, refuse 1.5 and booleans.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        raise BadRequest(f"'{name}' must be an integer, not {_kind(value)}", field=name)
+    value = int(value)
+    _check_range(name, value, minimum, maximum, True, True)
+    return value
+
+
+def number(body: dict, name: str, default: float, *, minimum: float | None = None,
+           maximum: float | None = None, min_inclusive: bool = True) -> float:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"'{name}' must be a number, not {_kind(value)}", field=name)
+    _check_range(name, value, minimum, maximum, min_inclusive, True)
+    return float(value)
+
+
+def string_list(body: dict, name: str, *, max_items: int = 16) -> list[str] | None:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"'{name}' must be a list of strings", field=name)
+    if any(v == "" for v in value):
+        raise BadRequest(f"'{name}' must not contain empty strings", field=name)
+    if len(value) > max_items:
+        raise BadRequest(f"'{name}' has {len(value)} entries; at most {max_items} are allowed", field=name)
+    return value
+
+
+def _check_range(name, value, minimum, maximum, min_inclusive, max_inclusive) -> None:
+    low_bad = minimum is not None and (value < minimum or (not min_inclusive and value == minimum))
+    high_bad = maximum is not None and (value > maximum or (not max_inclusive and value == maximum))
+    if low_bad or high_bad:
+        lo = "" if minimum is None else f"{'>=' if min_inclusive else '>'} {minimum}"
+        hi = "" if maximum is None else f"<= {maximum}"
+        raise BadRequest(f"'{name}' must be {' and '.join(p for p in (lo, hi) if p)}, got {value}", field=name)
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", str: "a string", list: "a list", dict: "an object",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)

@@ -1,0 +1,68 @@
+"""`ai-engine` command line: serve (the default), ensure-model, settings.
+
+Errors the engine knows about are one line on stderr and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine import __version__
+from engine.errors import EngineError
+from engine.settings import Settings
+
+log = logging.getLogger("engine")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ai-engine", description="Local LLM engine: serve GGUF models over HTTP.")
+    parser.add_argument("--version", action="version", version=f"ai-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="load the model and serve the HTTP API (default)",
+                           description="Load the model and serve the HTTP API. Every flag can also be "
+                                       "set by the environment variable shown.")
+    Settings.add_arguments(serve)
+
+    ensure = sub.add_parser("ensure-model", help="put the embedded default model into MODEL_PATH and print its path")
+    ensure.add_argument("--model-path", dest="model_path", default=None, metavar="MODEL_PATH",
+                        help="folder to put it in (env MODEL_PATH)")
+
+    sub.add_parser("settings", help="print the configuration table (Markdown, as in the README)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            from engine.server import serve
+
+            return serve(Settings.load(args=args))
+        if args.command == "ensure-model":
+            _configure_logging("INFO")
+            from engine.default_model import ensure_default_model
+
+            print(ensure_default_model(Settings.load(args=args).model_path.resolve()))
+            return 0
+        if args.command == "settings":
+            print(Settings.markdown_table())
+            return 0
+    except EngineError as exc:
+        print(f"ai-engine: error: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return 2
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

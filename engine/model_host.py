@@ -1,0 +1,174 @@
+"""Model lifecycle: which GGUF is loaded, loading and swapping it, and exclusive use of its context.
+
+One `ModelHost` per app (attached by `create_app`). A llama.cpp context serves one generation at
+a time, so `use()` hands the loaded model out under a lock; `load()` builds the new model first
+and swaps it in under the same lock, so requests already running finish on the old one and a model
+that fails to load leaves the current one in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from engine.default_model import ensure_default_model
+from engine.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelRefused
+from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class LoadedModel:
+    """A loaded llama.cpp model and what is known about it."""
+
+    llm: "object"  # llama_cpp.Llama; typed loosely so importing this module stays cheap
+    path: Path
+    name: str
+    load_seconds: float
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse a file that is missing or does not start like a GGUF file, before llama.cpp sees it."""
+    if not path.is_file():
+        raise ModelNotFound(f"model file not found: {path}")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[:4] != GGUF_MAGIC:
+        raise ModelRefused(f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else 0
+    if version not in (2, 3):
+        raise ModelRefused(f"{path.name} has an unsupported GGUF version {version} (llama.cpp reads 2 and 3)")
+
+
+class ModelHost:
+    """Owns the loaded model of one app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_dir = Path(settings.model_path).expanduser().resolve()
+        self._model: LoadedModel | None = None
+        self._use_lock = threading.Lock()  # one generation at a time per llama context
+        self._load_lock = threading.Lock()  # one load at a time
+
+    # -- which file -----------------------------------------------------------------------
+    def startup_model_path(self) -> Path:
+        """The model named by MODEL (a file under MODEL_PATH or a path), or the embedded default."""
+        name = self.settings.model.strip()
+        if not name:
+            return ensure_default_model(self.model_dir)
+        candidate = Path(name).expanduser()
+        if not candidate.is_absolute() and not (self.model_dir / candidate).exists() and candidate.exists():
+            return candidate.resolve()
+        return candidate if candidate.is_absolute() else self.model_dir / candidate
+
+    def resolve_request_path(self, model_name: str, model_path: str | None = None) -> Path:
+        """The file a /load-model request names; refuse anything outside MODEL_PATH.
+
+        `model_path` may be MODEL_PATH itself or a folder under it (then `model_name` is a file in
+        it), or a file under it. Symlinks are resolved before the check, so a link inside
+        MODEL_PATH cannot reach a file outside it.
+        """
+        base = Path(model_path).expanduser() if model_path else self.model_dir
+        if not base.is_absolute():
+            base = self.model_dir / base
+        target = base / model_name if (not model_path or base.is_dir()) and model_name else base
+        resolved = target.resolve()
+        if resolved != self.model_dir and self.model_dir not in resolved.parents:
+            raise ModelRefused(
+                f"only files under MODEL_PATH ({self.model_dir}) can be loaded; {str(target)!r} is outside it",
+                field="model_path" if model_path else "model_name")
+        if not resolved.is_file():
+            raise ModelNotFound(
+                f"model {model_name!r} not found under MODEL_PATH ({self.model_dir}); GET /models lists them",
+                field="model_name")
+        return resolved
+
+    def list_models(self) -> list[str]:
+        """GGUF files under MODEL_PATH, as paths relative to it (hidden and partial files skipped)."""
+        if not self.model_dir.is_dir():
+            return []
+        names = []
+        for path in self.model_dir.rglob("*.gguf"):
+            rel = path.relative_to(self.model_dir)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                names.append(rel.as_posix())
+        return sorted(names)
+
+    # -- loading --------------------------------------------------------------------------
+    def load(self, path: Path) -> LoadedModel:
+        """Load `path` and make it the current model; the previous one is closed afterwards."""
+        check_gguf_file(path)
+        with self._load_lock:
+            new = self._build(path)
+            with self._use_lock:
+                old, self._model = self._model, new
+        if old is not None:
+            old.llm.close()
+        return new
+
+    def _build(self, path: Path) -> LoadedModel:
+        import llama_cpp  # deferred: loading the shared library is slow and not needed by every command
+
+        s = self.settings
+        started = time.perf_counter()
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=s.n_ctx, n_batch=min(s.n_batch, s.n_ctx),
+                n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
+                n_gpu_layers=s.n_gpu_layers, verbose=False)
+        except Exception as exc:  # llama-cpp-python raises ValueError with little detail
+            size = path.stat().st_size if path.exists() else 0
+            raise ModelLoadError(
+                f"llama.cpp could not load {path.name} ({size:,} bytes): {exc}. The file may be truncated, "
+                "not a model GGUF, or of an architecture this llama.cpp build does not support") from exc
+        seconds = time.perf_counter() - started
+        log.info("loaded %s in %.2f s (n_ctx=%d, threads=%d, gpu_layers=%d)",
+                 path.name, seconds, llm.n_ctx(), s.n_threads, s.n_gpu_layers)
+        return LoadedModel(llm=llm, path=path, name=self.display_name(path), load_seconds=seconds)
+
+    def display_name(self, path: Path) -> str:
+        """A model's name in responses: its path relative to MODEL_PATH, else its file name."""
+        try:
+            return path.resolve().relative_to(self.model_dir).as_posix()
+        except ValueError:
+            return path.name
+
+    # -- use --------------------------------------------------------------------------------
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._model
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[LoadedModel]:
+        """Exclusive use of the current model's context for one generation."""
+        with self._use_lock:
+            if self._model is None:
+                raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
+            yield self._model
+
+    def close(self) -> None:
+        with self._use_lock:
+            model, self._model = self._model, None
+        if model is not None:
+            model.llm.close()
+
+
+def describe_path(path: Path) -> str:
+    """A short human description for start-up logs."""
+    try:
+        return f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)"
+    except OSError:
+        return str(path)

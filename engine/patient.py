@@ -1,0 +1,59 @@
+"""The simulated patient's turn: where it ends, and how its text is cleaned.
+
+The simulator sends a transcript ending in `Paciente:`; a base model continues it, and after the
+patient's line it would go on to write the student's next question. The reply ends at the next
+speaker line (`Estudiante:`, `Terapeuta:`, `Paciente:`, `Sistema:`, or any other `Name:` at the
+start of a line) or at a blank line; a leading speaker label and surrounding whitespace go.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from engine.generation import StopRules
+
+SPEAKERS = ("Estudiante", "Terapeuta", "Paciente", "Sistema")
+
+DEFAULT_STOPS = tuple(f"\n{s}:" for s in SPEAKERS) + ("\n\n",)
+
+# Any one-word label at the start of a line ("Doctor:", "Psicóloga:"): the model inventing
+# another speaker also ends the patient's turn.
+SPEAKER_LINE = re.compile(r"\n[ \t]*[A-ZÁÉÍÓÚÑ][A-Za-zÁÉÍÓÚÑáéíóúñü]{1,24}[ \t]*:")
+
+LEADING_LABEL = re.compile(r"^\s*(?:%s)\s*:\s*" % "|".join(SPEAKERS), re.IGNORECASE)
+
+
+def stop_rules(stop: Sequence[str] | None) -> StopRules:
+    """The default speaker-turn stops, or exactly the caller's list (`[]`: none at all)."""
+    if stop is None:
+        return StopRules(strings=DEFAULT_STOPS, patterns=(SPEAKER_LINE,))
+    return StopRules(strings=tuple(stop))
+
+
+def clean_reply(text: str) -> str:
+    """Strip whitespace and a leading speaker label (`Paciente: ...` → `...`)."""
+    return LEADING_LABEL.sub("", text.strip(), count=1).strip()
+
+
+def render_case_prompt(case: dict) -> str:
+    """The prompt the simulator's backend builds for a case (layout in DESIGN.md).
+
+    `case` has the fields of `tests/data/patient_cases.json`: the system context, the case sheet,
+    and `turnos` ([role, text] pairs) whose last entry is the student's current question.
+    """
+    lines = [
+        case["contexto_sistema"], "",
+        "CASO CLÍNICO:",
+        f"Nombre: {case['nombre']}",
+        f"Edad: {case['edad']}",
+        f"Ocupación: {case['ocupacion']}", "",
+        f"Motivo de consulta: {case['motivo_consulta']}", "",
+        f"Historia: {case['historia']}", "",
+        f"Estado emocional: {case['estado_emocional']}", "",
+        f"Personalidad: {case['personalidad']}", "",
+        "ENTREVISTA:",
+    ]
+    lines += [f"{role}: {text}" for role, text in case["turnos"]]
+    lines.append("Paciente:")
+    return "\n".join(lines)

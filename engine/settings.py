@@ -1,0 +1,152 @@
+"""One typed settings schema: defaults, then environment variables, then CLI flags.
+
+Every setting is a dataclass field whose metadata names its environment variable and describes
+it; the CLI flags (`--api-port` for `api_port`) and the README's configuration table are generated
+from the same fields, so there is one place to add a setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from engine.errors import SettingsError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's decode throughput)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores: set[tuple[str, str]] = set()
+    try:
+        cpu = phys = core = None
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    core = value
+                elif not key and cpu is not None:
+                    if cpu in allowed:
+                        cores.add((phys or "0", core if core is not None else str(cpu)))
+                    cpu = phys = core = None
+        if cpu is not None and cpu in allowed:
+            cores.add((phys or "0", core if core is not None else str(cpu)))
+    except OSError:
+        pass
+    return max(1, len(cores) or len(allowed))
+
+
+def _setting(env: str, help: str, default: Any = None, *, factory: Callable[[], Any] | None = None,
+             default_doc: str | None = None, minimum: int | None = None,
+             maximum: int | None = None) -> Any:
+    meta = {"env": env, "help": help, "default_doc": default_doc, "min": minimum, "max": maximum}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's configuration. Build it with `Settings.load()`."""
+
+    model_path: Path = _setting(
+        "MODEL_PATH", "Folder of GGUF model files; /load-model only loads files inside it.",
+        factory=lambda: REPO_ROOT / "models", default_doc="`models/` in the repo (`/models` in Docker)")
+    model: str = _setting(
+        "MODEL", "Model to load at start-up: a file name under MODEL_PATH or a path. "
+        "Empty: the embedded default model (Gemma 3 270M Q4_K_M).", "",
+        default_doc="empty (embedded default)")
+    api_host: str = _setting(
+        "API_HOST", "Address to listen on. Use 0.0.0.0 to accept other machines (Docker does).",
+        "127.0.0.1")
+    api_port: int = _setting("API_PORT", "TCP port to listen on.", 5000, minimum=1, maximum=65535)
+    n_ctx: int = _setting(
+        "N_CTX", "Context size in tokens (prompt + reply). A longer prompt is refused, "
+        "never truncated.", 4096, minimum=64)
+    n_threads: int = _setting(
+        "N_THREADS", "CPU threads for decoding.", factory=physical_cores,
+        default_doc="physical cores", minimum=1)
+    n_threads_batch: int = _setting(
+        "N_THREADS_BATCH", "CPU threads for prompt processing.", factory=physical_cores,
+        default_doc="physical cores", minimum=1)
+    n_batch: int = _setting(
+        "N_BATCH", "Prompt tokens evaluated per llama.cpp decode call.", 512, minimum=1)
+    n_gpu_layers: int = _setting(
+        "N_GPU_LAYERS", "Layers to offload to a CUDA GPU: 0 (CPU only), N, or -1 for all.",
+        0, minimum=-1)
+    server_threads: int = _setting(
+        "SERVER_THREADS", "HTTP worker threads (requests beyond one wait for the model in turn).",
+        8, minimum=1)
+    log_level: str = _setting("LOG_LEVEL", "Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            lo, hi = f.metadata["min"], f.metadata["max"]
+            if lo is not None and value < lo or hi is not None and value > hi:
+                bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+                raise SettingsError(f"{f.metadata['env']} must be {bounds}, got {value}",
+                                    field=f.metadata["env"])
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
+                                field="LOG_LEVEL")
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None,
+             **overrides: Any) -> "Settings":
+        """Defaults, overridden by environment variables, then CLI flags, then `overrides`."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _convert(f, raw.strip(), f.metadata["env"])
+            if args is not None and getattr(args, f.name, None) is not None:
+                values[f.name] = _convert(f, getattr(args, f.name), "--" + _flag(f.name))
+        values.update(overrides)
+        if "model_path" in values:
+            values["model_path"] = Path(values["model_path"]).expanduser()
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one `--flag` per setting; unset flags leave the environment's value alone."""
+        for f in dataclasses.fields(cls):
+            parser.add_argument("--" + _flag(f.name), dest=f.name, default=None, metavar=f.metadata["env"],
+                                help=f"{f.metadata['help']} (env {f.metadata['env']})")
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """The README's configuration table."""
+        rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.metadata["default_doc"] or f"`{f.default}`"
+            rows.append(f"| `{f.metadata['env']}` | `--{_flag(f.name)}` | {default} | {f.metadata['help']} |")
+        return "\n".join(rows)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "str": str, "Path": Path}[f.type]
+    if kind is int:
+        try:
+            return int(str(raw).strip())
+        except ValueError:
+            raise SettingsError(f"{source} must be an integer, got {raw!r}", field=f.metadata["env"]) from None
+    return kind(raw)

@@ -1,0 +1,100 @@
+# Shared set-up for scripts/serve.sh and scripts/test.sh (sourced, not run).
+# Creates .venv, builds llama-cpp-python once with CPU flags that are safe on this machine,
+# installs the project, and makes sure the embedded default model is present. Idempotent:
+# a second run checks stamps and rebuilds nothing that is already right.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+LLAMA_CPP_VERSION="0.3.36"
+WHEEL_CACHE="${AI_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-engine}/wheels"
+
+log() { echo "[ai-engine] $*" >&2; }
+
+ensure_venv() {
+  if [ ! -x "$PY" ]; then
+    log "creating virtual environment in $VENV"
+    python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --disable-pip-version-check --upgrade pip setuptools wheel
+  fi
+}
+
+# ggml's x86 feature flags, chosen from what this CPU reports. A native build (-march=native)
+# enables ggml's AMX kernels on Sapphire Rapids and later Xeons, and those segfault in
+# ggml_backend_amx_mul_mat on the first decode; listing the features explicitly avoids them.
+cpu_cmake_args() {
+  local flags
+  [ -r /proc/cpuinfo ] || return 0
+  case "$(uname -m)" in x86_64|amd64) ;; *) return 0 ;; esac
+  flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  local args="-DGGML_NATIVE=OFF"
+  has() { [[ "$flags" == *" $1 "* ]]; }
+  has avx && args+=" -DGGML_AVX=ON"
+  has avx2 && args+=" -DGGML_AVX2=ON"
+  has fma && args+=" -DGGML_FMA=ON"
+  has f16c && args+=" -DGGML_F16C=ON"
+  has avx_vnni && args+=" -DGGML_AVX_VNNI=ON"
+  has avx512f && args+=" -DGGML_AVX512=ON"
+  has avx512_vnni && args+=" -DGGML_AVX512_VNNI=ON"
+  has avx512_bf16 && args+=" -DGGML_AVX512_BF16=ON"
+  echo "$args"
+}
+
+# Build llama-cpp-python once per (version, CMAKE_ARGS) into our own wheel cache. pip's cache
+# does not key wheels by CMAKE_ARGS, so it would happily reinstall a CPU build after a user
+# asked for CUDA; our cache directory name is a hash of both.
+ensure_llama_cpp() {
+  local args="${CMAKE_ARGS:-$(cpu_cmake_args)}"
+  local want="llama-cpp-python==$LLAMA_CPP_VERSION CMAKE_ARGS=$args"
+  local stamp="$VENV/.llama-cpp-build"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+     && "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then
+    return 0
+  fi
+  local key
+  key="$(printf '%s' "$want" | sha256sum | cut -c1-16)"
+  local dir="$WHEEL_CACHE/$key"
+  if ! ls "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl >/dev/null 2>&1; then
+    log "building llama-cpp-python $LLAMA_CPP_VERSION (about 5 minutes on 2 cores)"
+    log "CMAKE_ARGS=$args"
+    mkdir -p "$dir.partial"
+    CMAKE_ARGS="$args" "$PY" -m pip wheel --no-cache-dir --no-deps --disable-pip-version-check \
+      -w "$dir.partial" "llama-cpp-python==$LLAMA_CPP_VERSION"
+    rm -rf "$dir" && mv "$dir.partial" "$dir"
+    printf '%s\n' "$want" > "$dir/BUILD_INFO"
+  else
+    log "using cached llama-cpp-python build from $dir"
+  fi
+  "$PY" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+    "$dir"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl
+  # Its runtime dependencies (numpy, jinja2, ...) come with the project install below.
+  printf '%s\n' "$want" > "$stamp"
+}
+
+# Install the project (editable) with the given extras; skipped when setup.cfg is unchanged.
+ensure_project() {
+  local extras="${1:-}"
+  local spec="$ROOT"
+  [ -n "$extras" ] && spec="$ROOT[$extras]"
+  local want
+  want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$extras"
+  local stamp="$VENV/.ai-engine-install"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import engine" 2>/dev/null; then
+    return 0
+  fi
+  log "installing ai-engine${extras:+ with [$extras]}"
+  "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec"
+  printf '%s\n' "$want" > "$stamp"
+}
+
+ensure_default_model() {
+  "$PY" -m engine ensure-model
+}
+
+setup_all() {
+  ensure_venv
+  ensure_llama_cpp
+  ensure_project "${1:-}"
+  ensure_default_model
+}

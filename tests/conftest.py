@@ -1,0 +1,123 @@
+"""Shared fixtures: the real default model, a model folder with good and bad files, a real server.
+
+The server fixture starts `python -m engine serve` as a separate process on a free port, exactly
+as `scripts/serve.sh` does, and talks to it over real HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from engine.default_model import ensure_default_model
+from engine.settings import REPO_ROOT
+
+DATA = Path(__file__).parent / "data"
+DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
+
+
+def load_cases() -> list[dict]:
+    with (DATA / "patient_cases.json").open(encoding="utf-8") as f:
+        return json.load(f)["cases"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+@pytest.fixture(scope="session")
+def default_model_file() -> Path:
+    """The embedded default model, assembled into the repo's models/ folder if not there yet."""
+    return ensure_default_model(REPO_ROOT / "models")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, default_model_file) -> Path:
+    """A MODEL_PATH with the default model, a second name for it, and files that must be refused."""
+    root = tmp_path_factory.mktemp("models")
+    link_or_copy(default_model_file, root / DEFAULT_MODEL)
+    link_or_copy(default_model_file, root / "persona" / "alt-model.gguf")
+    with default_model_file.open("rb") as f:
+        (root / "truncated.gguf").write_bytes(f.read(4 << 20))  # valid header, data cut short
+    (root / "notes.gguf").write_text("these are not model weights\n")
+    outside = tmp_path_factory.mktemp("outside")
+    link_or_copy(default_model_file, outside / "elsewhere.gguf")
+    (root / "escape.gguf").symlink_to(outside / "elsewhere.gguf")
+    return root
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float = 90.0) -> Server:
+    """Start `python -m engine serve` and wait until /health answers (or the process exits)."""
+    port = free_port()
+    env = {**os.environ, "API_PORT": str(port), "API_HOST": "127.0.0.1", **env_overrides}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen([sys.executable, "-m", "engine", "serve"], env=env,
+                               stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return Server(url, process, log_path)
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.25)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"server did not come up; its output:\n{log_path.read_text(errors='replace')}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """A real engine on the real default model, shared by the HTTP tests."""
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    srv = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_CTX": "2048",
+                        "LOG_LEVEL": "INFO"}, log_path)
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def cases() -> list[dict]:
+    return load_cases()
