@@ -69,6 +69,32 @@ class StopRules:
         return best
 
 
+class ReplyText:
+    """Text generated so far, fed piece by piece; `add` says when a stop rule has ended it."""
+
+    def __init__(self, stops: StopRules) -> None:
+        self.stops = stops
+        self.text = ""
+        self._content_start = -1  # index of the first visible character, once there is one
+
+    def add(self, piece: str) -> bool:
+        """Append `piece`; on a stop, cut the text where the stop begins and return True."""
+        if not piece:
+            return False
+        new_from = len(self.text)
+        self.text += piece
+        if self._content_start < 0:
+            visible = self.text.lstrip()
+            if not visible:
+                return False
+            self._content_start = len(self.text) - len(visible)
+        cut = self.stops.find(self.text, self._content_start, new_from)
+        if cut < 0:
+            return False
+        self.text = self.text[:cut]
+        return True
+
+
 @dataclass
 class Generation:
     """What one generation produced, with its timings."""
@@ -130,8 +156,7 @@ def generate(llm, prompt: str, params: SamplingParams, stops: StopRules,
     n_vocab = llm.n_vocab()
     buf = ctypes.create_string_buffer(64)
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    text = ""
-    content_start = -1  # index of the first visible character, once there is one
+    reply = ReplyText(stops)
     n_tokens = 0
     logprob_sum = 0.0
     finish = "length"
@@ -148,23 +173,14 @@ def generate(llm, prompt: str, params: SamplingParams, stops: StopRules,
             break
         n_tokens += 1
         logprob_sum += _logprob(llm, token, n_vocab)
-        new = decoder.decode(token_piece(llm, token, buf))
-        if new:
-            new_from = len(text)
-            text += new
-            if content_start < 0:
-                stripped = len(text) - len(text.lstrip())
-                if stripped < len(text):
-                    content_start = stripped
-            if content_start >= 0:
-                cut = stops.find(text, content_start, new_from)
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    break
+        if reply.add(decoder.decode(token_piece(llm, token, buf))):
+            finish = "stop"
+            break
         if n_tokens >= params.max_tokens:
             break
-    text += decoder.decode(b"", final=True) if finish == "length" else ""
+    if finish != "stop":
+        reply.add(decoder.decode(b"", final=True))
+    text = reply.text
     ended = time.perf_counter()
     return Generation(
         text=text, tokens=n_tokens, prompt_tokens=len(prompt_ids), finish_reason=finish,

@@ -44,9 +44,16 @@ cpu_cmake_args() {
 # Build llama-cpp-python once per (version, CMAKE_ARGS) into our own wheel cache. pip's cache
 # does not key wheels by CMAKE_ARGS, so it would happily reinstall a CPU build after a user
 # asked for CUDA; our cache directory name is a hash of both.
+# What the installed llama-cpp-python must be: its version and the CMAKE_ARGS it was built with
+# (the user's own CMAKE_ARGS, e.g. -DGGML_CUDA=on, win over the CPU flags).
+llama_cpp_build_spec() {
+  echo "llama-cpp-python==$LLAMA_CPP_VERSION CMAKE_ARGS=${CMAKE_ARGS:-$(cpu_cmake_args)}"
+}
+
 ensure_llama_cpp() {
-  local args="${CMAKE_ARGS:-$(cpu_cmake_args)}"
-  local want="llama-cpp-python==$LLAMA_CPP_VERSION CMAKE_ARGS=$args"
+  local want args
+  want="$(llama_cpp_build_spec)"
+  args="${want#*CMAKE_ARGS=}"
   local stamp="$VENV/.llama-cpp-build"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
      && "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_VERSION')" 2>/dev/null; then

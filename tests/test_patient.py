@@ -1,0 +1,39 @@
+"""Patient-turn extraction: stop rules and cleaning, on hand-made model outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.generation import ReplyText
+from engine.patient import clean_reply, stop_rules
+
+
+def cut(text: str, stop=None, piece: int = 3) -> str:
+    """Feed `text` in pieces as the token loop does and return what is kept."""
+    reply = ReplyText(stop_rules(stop))
+    for i in range(0, len(text), piece):
+        if reply.add(text[i:i + piece]):
+            break
+    return reply.text
+
+
+@pytest.mark.parametrize("raw,reply", [
+    (" Me siento muy mal.\nEstudiante: ¿Desde cuándo?", "Me siento muy mal."),
+    (" No sé.\nTerapeuta: Entiendo.", "No sé."),
+    (" Sí.\nPaciente: y además", "Sí."),
+    (" Claro.\nSistema: fin", "Claro."),
+    (" Duermo poco.\n\nENTREVISTA:", "Duermo poco."),
+    (" Estoy cansada.\nDoctora: ¿Y el café?", "Estoy cansada."),
+    ("\n\n Me cuesta dormir.\n\nOtra cosa", "Me cuesta dormir."),  # leading blank lines are not the end
+    (" Paciente: Nada, supongo.\nEstudiante: ok", "Nada, supongo."),
+    (" Primera línea.\nsegunda línea sin etiqueta", "Primera línea.\nsegunda línea sin etiqueta"),
+    (" Me dijo: «andá al médico».", "Me dijo: «andá al médico»."),
+])
+@pytest.mark.parametrize("piece", [1, 2, 5, 100])
+def test_default_rules(raw, reply, piece):
+    assert clean_reply(cut(raw, piece=piece)) == reply
+
+
+def test_custom_stops_replace_defaults():
+    assert clean_reply(cut(" Uno. Dos.\nEstudiante: tres", stop=["Dos"])) == "Uno."
+    assert clean_reply(cut(" Uno.\n\nEstudiante: dos", stop=[])) == "Uno.\n\nEstudiante: dos"

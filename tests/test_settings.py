@@ -1,0 +1,51 @@
+"""The settings schema: defaults, environment, flags, validation."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from engine.errors import SettingsError
+from engine.settings import REPO_ROOT, Settings, physical_cores
+
+
+def test_defaults():
+    s = Settings.load(env={})
+    assert s.model_path == REPO_ROOT / "models"
+    assert (s.api_host, s.api_port, s.model, s.n_gpu_layers) == ("127.0.0.1", 5000, "", 0)
+    assert s.n_threads == physical_cores() >= 1
+    assert s.n_ctx >= 2048
+
+
+def test_environment_then_flags():
+    env = {"API_PORT": "5123", "MODEL_PATH": "/models", "N_GPU_LAYERS": "-1", "N_CTX": " 8192 "}
+    s = Settings.load(env=env)
+    assert (s.api_port, s.model_path, s.n_gpu_layers, s.n_ctx) == (5123, Path("/models"), -1, 8192)
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    s = Settings.load(env=env, args=parser.parse_args(["--api-port", "6000", "--model", "x.gguf"]))
+    assert (s.api_port, s.model, s.model_path) == (6000, "x.gguf", Path("/models"))
+
+
+def test_empty_environment_value_means_default():
+    assert Settings.load(env={"API_PORT": ""}).api_port == 5000
+
+
+@pytest.mark.parametrize("env,field", [
+    ({"API_PORT": "0"}, "API_PORT"),
+    ({"API_PORT": "http"}, "API_PORT"),
+    ({"N_THREADS": "0"}, "N_THREADS"),
+    ({"N_CTX": "10"}, "N_CTX"),
+    ({"N_GPU_LAYERS": "-5"}, "N_GPU_LAYERS"),
+])
+def test_invalid_values_name_the_variable(env, field):
+    with pytest.raises(SettingsError) as err:
+        Settings.load(env=env)
+    assert err.value.field == field and field in err.value.message
+
+
+def test_readme_configuration_table_is_current():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert Settings.markdown_table() in readme, "regenerate with: ai-engine settings"
