@@ -32,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder to put it in (env MODEL_PATH)")
 
     sub.add_parser("settings", help="print the configuration table (Markdown, as in the README)")
+
+    # Converter commands (convert, quantize, verify) live in the convert package; each sets
+    # `func`, called with the parsed args and returning an exit status.
+    from convert.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -55,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             print(Settings.markdown_table())
             return 0
+        if getattr(args, "func", None) is not None:
+            _configure_logging("INFO")
+            return args.func(args)
     except EngineError as exc:
         print(f"ai-engine: error: {exc.message}", file=sys.stderr)
         return 2
