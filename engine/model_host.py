@@ -19,25 +19,32 @@ from typing import Iterator
 
 from engine.default_model import ensure_default_model
 from engine.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelRefused
-from engine.settings import Settings
+from engine.generation import LlamaSession
+from engine.prompt_cache import ConversationCache, ResponseCache
+from engine.settings import KV_CACHE_TYPES, Settings
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadedModel:
-    """A loaded llama.cpp model and what is known about it."""
+    """A loaded llama.cpp model, its context session, and what is known about it."""
 
     llm: "object"  # llama_cpp.Llama; typed loosely so importing this module stays cheap
+    session: LlamaSession
     path: Path
     name: str
     load_seconds: float
 
     @property
     def n_ctx(self) -> int:
-        return self.llm.n_ctx()
+        return self.session.n_ctx
+
+    def close(self) -> None:
+        self.session.close()
+        self.llm.close()
 
 
 def check_gguf_file(path: Path) -> None:
@@ -60,6 +67,7 @@ class ModelHost:
         self.settings = settings
         self.model_dir = Path(settings.model_path).expanduser().resolve()
         self._model: LoadedModel | None = None
+        self.responses = ResponseCache(settings.response_cache_size)
         self._use_lock = threading.Lock()  # one generation at a time per llama context
         self._load_lock = threading.Lock()  # one load at a time
 
@@ -116,7 +124,8 @@ class ModelHost:
             with self._use_lock:
                 old, self._model = self._model, new
         if old is not None:
-            old.llm.close()
+            old.close()
+        self.responses.clear()
         return new
 
     def _build(self, path: Path) -> LoadedModel:
@@ -128,7 +137,10 @@ class ModelHost:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=s.n_ctx, n_batch=min(s.n_batch, s.n_ctx),
                 n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                n_gpu_layers=s.n_gpu_layers, verbose=False)
+                n_gpu_layers=s.n_gpu_layers, flash_attn=s.flash_attn,
+                type_k=KV_CACHE_TYPES[s.kv_cache_type], type_v=KV_CACHE_TYPES[s.kv_cache_type],
+                # A full-size sliding-window cache lets the conversation cache drop a suffix.
+                swa_full=True, verbose=False)
         except Exception as exc:  # llama-cpp-python raises ValueError with little detail
             size = path.stat().st_size if path.exists() else 0
             raise ModelLoadError(
@@ -137,7 +149,9 @@ class ModelHost:
         seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s (n_ctx=%d, threads=%d, gpu_layers=%d)",
                  path.name, seconds, llm.n_ctx(), s.n_threads, s.n_gpu_layers)
-        return LoadedModel(llm=llm, path=path, name=self.display_name(path), load_seconds=seconds)
+        session = LlamaSession(llm, ConversationCache(s.cache_ram_mb << 20))
+        return LoadedModel(llm=llm, session=session, path=path, name=self.display_name(path),
+                           load_seconds=seconds)
 
     def display_name(self, path: Path) -> str:
         """A model's name in responses: its path relative to MODEL_PATH, else its file name."""
@@ -163,7 +177,7 @@ class ModelHost:
         with self._use_lock:
             model, self._model = self._model, None
         if model is not None:
-            model.llm.close()
+            model.close()
 
 
 def describe_path(path: Path) -> str:

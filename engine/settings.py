@@ -18,6 +18,9 @@ from engine.errors import SettingsError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# KV cache element types (ggml type ids). Quantized V caches need flash attention.
+KV_CACHE_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2}
+
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyper-threads share a core's decode throughput)."""
@@ -87,6 +90,19 @@ class Settings:
     n_gpu_layers: int = _setting(
         "N_GPU_LAYERS", "Layers to offload to a CUDA GPU: 0 (CPU only), N, or -1 for all.",
         0, minimum=-1)
+    flash_attn: bool = _setting(
+        "FLASH_ATTN", "Use flash attention (on/off). Needed for a quantized KV cache.", False,
+        default_doc="`off`")
+    kv_cache_type: str = _setting(
+        "KV_CACHE_TYPE", "KV cache element type: " + ", ".join(KV_CACHE_TYPES) +
+        ". q8_0 halves the cache's memory (needs FLASH_ATTN=on).", "f16")
+    cache_ram_mb: int = _setting(
+        "CACHE_RAM_MB", "RAM budget of the conversation cache (KV states of recent interviews, so each "
+        "turn evaluates only its new tokens). 0 turns it off: every prompt is evaluated in full.",
+        256, minimum=0)
+    response_cache_size: int = _setting(
+        "RESPONSE_CACHE_SIZE", "Replies kept for deterministic requests (temperature 0 or a seed); an "
+        "identical request is answered from memory. 0 turns it off.", 256, minimum=0)
     server_threads: int = _setting(
         "SERVER_THREADS", "HTTP worker threads (requests beyond one wait for the model in turn).",
         8, minimum=1)
@@ -100,6 +116,12 @@ class Settings:
                 bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
                 raise SettingsError(f"{f.metadata['env']} must be {bounds}, got {value}",
                                     field=f.metadata["env"])
+        if self.kv_cache_type not in KV_CACHE_TYPES:
+            raise SettingsError(f"KV_CACHE_TYPE must be one of {', '.join(KV_CACHE_TYPES)}, got "
+                                f"{self.kv_cache_type!r}", field="KV_CACHE_TYPE")
+        if self.kv_cache_type not in ("f16", "f32", "bf16") and not self.flash_attn:
+            raise SettingsError(f"KV_CACHE_TYPE={self.kv_cache_type} needs FLASH_ATTN=on (llama.cpp "
+                                "quantizes the V cache only with flash attention)", field="KV_CACHE_TYPE")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
                                 field="LOG_LEVEL")
@@ -142,8 +164,18 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+_BOOLS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False, "no": False}
+
+
 def _convert(f: dataclasses.Field, raw: Any, source: str) -> Any:
-    kind = f.type if isinstance(f.type, type) else {"int": int, "str": str, "Path": Path}[f.type]
+    kind = f.type if isinstance(f.type, type) else {"int": int, "str": str, "Path": Path, "bool": bool}[f.type]
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        value = _BOOLS.get(str(raw).strip().lower())
+        if value is None:
+            raise SettingsError(f"{source} must be on or off, got {raw!r}", field=f.metadata["env"])
+        return value
     if kind is int:
         try:
             return int(str(raw).strip())

@@ -108,14 +108,30 @@ def stop_server(server: Server) -> None:
         server.process.wait()
 
 
-@pytest.fixture(scope="session")
-def server(model_dir, tmp_path_factory):
-    """A real engine on the real default model, shared by the HTTP tests."""
+def _server_fixture(model_dir, tmp_path_factory, **env):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     srv = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_CTX": "2048",
-                        "LOG_LEVEL": "INFO"}, log_path)
+                        "LOG_LEVEL": "INFO", **env}, log_path)
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """A real engine on the real default model, shared by the HTTP tests (default settings)."""
+    yield from _server_fixture(model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server_generating(model_dir, tmp_path_factory):
+    """Conversation cache on, response cache off: every request really generates."""
+    yield from _server_fixture(model_dir, tmp_path_factory, RESPONSE_CACHE_SIZE="0")
+
+
+@pytest.fixture(scope="session")
+def server_uncached(model_dir, tmp_path_factory):
+    """No caches at all: every prompt is evaluated in full, every request generates."""
+    yield from _server_fixture(model_dir, tmp_path_factory, RESPONSE_CACHE_SIZE="0", CACHE_RAM_MB="0")
 
 
 @pytest.fixture(scope="session")

@@ -37,3 +37,34 @@ def test_default_rules(raw, reply, piece):
 def test_custom_stops_replace_defaults():
     assert clean_reply(cut(" Uno. Dos.\nEstudiante: tres", stop=["Dos"])) == "Uno."
     assert clean_reply(cut(" Uno.\n\nEstudiante: dos", stop=[])) == "Uno.\n\nEstudiante: dos"
+
+
+STREAM_CASES = [
+    " Me siento muy mal.\nEstudiante: ¿Desde cuándo?",
+    " Paciente: Nada, supongo.\nEstudiante: ok",
+    " Pacientes como yo no duermen.\n\nfin",
+    "\n\n Sí, claro.\nDoctora: bien",
+    " No sé... 😔 es difícil.\nTerapeuta: ya",
+    " Uno.\nDos líneas.\nEstudiante: x",
+    " Estoy   ",
+]
+
+
+@pytest.mark.parametrize("raw", STREAM_CASES)
+@pytest.mark.parametrize("piece", [1, 2, 3, 7])
+def test_streamed_pieces_add_up_to_the_reply(raw, piece):
+    """What streaming emits (stable text as it grows) always adds up to the final reply."""
+    from engine.patient import reply_text
+
+    reply = reply_text(None)
+    emitted = ""
+    for i in range(0, len(raw), piece):
+        stopped = reply.add(raw[i:i + piece])
+        if stopped:
+            break
+        stable = reply.stable()
+        assert stable.startswith(emitted), (emitted, stable)
+        emitted = stable
+    final = reply.final()
+    assert final.startswith(emitted)
+    assert final == clean_reply(cut(raw, piece=piece))

@@ -6,15 +6,17 @@ ever added (inside `metadata`, or beside the contract's fields), never renamed o
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
+from engine import service
 from engine.api import validation as v
 from engine.errors import ModelLoadError, ModelRefused
-from engine.generation import SamplingParams, generate as run_generation
-from engine.patient import clean_reply, stop_rules
+from engine.generation import SamplingParams
+from engine.patient import reply_text
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +34,10 @@ def generate():
     """The patient's next line for the transcript in `prompt`.
 
     Body: `prompt` (required), `max_length` (new tokens, default 150), `temperature` (default 0.7),
-    `top_p` (default 0.9); optional `top_k`, `min_p`, `repeat_penalty`, `seed`, and `stop` (a list
-    that replaces the speaker-turn stops; `[]` for none).
+    `top_p` (default 0.9); optional `top_k`, `min_p`, `repeat_penalty`, `seed`, `stop` (a list
+    that replaces the speaker-turn stops; `[]` for none) and `stream` (server-sent events: one
+    `data:` event per token with the new text, then one with the whole reply as without `stream`).
     """
-    started = time.perf_counter()
     body = v.json_body()
     prompt = v.string(body, "prompt", required=True)
     defaults = SamplingParams()
@@ -49,28 +51,51 @@ def generate():
                                 maximum=10, min_inclusive=False),
         seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
     )
-    stops = stop_rules(v.string_list(body, "stop"))
+    stop = v.string_list(body, "stop")
+    stream = v.boolean(body, "stream", False)
+    host = _host()
+    job = service.Job(prompt=prompt, params=params, new_reply=lambda: reply_text(stop),
+                      cache_key=("patient", *service.stop_key(stop)))
+    service.prepare(host, job)  # a prompt that does not fit is a 400 before any streaming starts
+    if not stream:
+        for _ in service.run(host, job):
+            pass
+        return jsonify(_reply_body(job))
 
-    with _host().use() as model:
-        result = run_generation(model.llm, prompt, params, stops, started=started)
-        model_name = model.name
-    reply = clean_reply(result.text)
+    def events():
+        for piece in service.run(host, job):
+            yield _sse({"text": piece})
+        yield _sse(_reply_body(job))
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _reply_body(job: service.Job) -> dict:
+    """The contract's reply: `texto`, `confianza`, `metadata` (fields only ever added)."""
+    result = job.result
     metadata = {
-        "modelo": model_name,
+        "modelo": job.model_name,
         "tokens": result.tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
+        "temperature": job.params.temperature,
+        "top_p": job.params.top_p,
         "prompt_tokens": result.prompt_tokens,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        "cached_prompt_tokens": result.reused_tokens,
+        "duration_ms": round((time.perf_counter() - job.started) * 1000, 1),
         "ttft_ms": round(result.ttft_s * 1000, 1),
         "tokens_per_second": round(result.tokens_per_second, 2),
         "finish_reason": result.finish_reason,
+        "cached": result.cached,
     }
-    if not reply:
+    if not result.text:
         # Never silently: the caller (and the log) learn that the model said nothing usable.
         metadata["warning"] = f"the model produced no reply text (finish_reason={result.finish_reason})"
         log.warning("empty reply: %d tokens generated, finish_reason=%s", result.tokens, result.finish_reason)
-    return jsonify(texto=reply, confianza=round(result.confidence, 4), metadata=metadata)
+    return {"texto": result.text, "confianza": round(result.confidence, 4), "metadata": metadata}
 
 
 @bp.get("/health")

@@ -61,6 +61,15 @@ def number(body: dict, name: str, default: float, *, minimum: float | None = Non
     return float(value)
 
 
+def boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be true or false, not {_kind(value)}", field=name)
+    return value
+
+
 def string_list(body: dict, name: str, *, max_items: int = 16) -> list[str] | None:
     value = body.get(name, _MISSING)
     if value is _MISSING or value is None:

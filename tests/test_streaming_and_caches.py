@@ -1,0 +1,94 @@
+"""Streaming, the conversation cache and the response cache, over real HTTP on the real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from engine.patient import render_case_prompt
+
+
+def generate(server, **body) -> dict:
+    r = requests.post(server.url + "/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(server, **body) -> tuple[list[dict], dict]:
+    """(token events, final event) of a streamed /generate."""
+    with requests.post(server.url + "/generate", json={**body, "stream": True}, stream=True, timeout=120) as r:
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True) if line]
+    return events[:-1], events[-1]
+
+
+@pytest.mark.parametrize("case_index", [0, 1, 2])
+def test_streamed_text_equals_non_streamed(server_generating, cases, case_index):
+    prompt = render_case_prompt(cases[case_index])
+    plain = generate(server_generating, prompt=prompt, temperature=0)
+    pieces, final = stream(server_generating, prompt=prompt, temperature=0)
+    assert "".join(p["text"] for p in pieces) == plain["texto"] == final["texto"]
+    assert set(final) == {"texto", "confianza", "metadata"}
+    assert final["metadata"]["tokens"] == plain["metadata"]["tokens"]
+    # One event per generated token (the last token, the one that ended the turn, has none).
+    assert plain["metadata"]["tokens"] - 1 <= len(pieces) <= plain["metadata"]["tokens"] + 1
+
+
+def test_stream_of_a_bad_request_is_a_plain_400(server):
+    r = requests.post(server.url + "/generate", json={"prompt": "", "stream": True}, timeout=30)
+    assert r.status_code == 400 and "prompt" in r.json()["error"]
+    r = requests.post(server.url + "/generate", json={"prompt": "x", "stream": "yes"}, timeout=30)
+    assert r.status_code == 400 and "stream" in r.json()["error"]
+
+
+def interview_turns(case: dict, turns: int) -> list[list[list[str]]]:
+    """The transcript at each turn of a made-up continuation of a fixture interview."""
+    questions = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
+                 "¿Qué te gustaría que cambie?", "¿Cómo te sentís ahora, contándolo?"]
+    history = [list(t) for t in case["turnos"]]
+    out = []
+    for i in range(turns):
+        out.append([list(t) for t in history])
+        history += [["Paciente", "No sé, la verdad."], ["Estudiante", questions[i % len(questions)]]]
+    return out
+
+
+def test_conversation_cache_never_changes_output(server_generating, server_uncached, cases):
+    """Three interviews interleaved turn by turn: the same replies with and without the cache,
+    and with the cache each later turn reuses its own interview's earlier turns."""
+    reused = []
+    for turn in range(3):
+        for case in cases:
+            prompt = render_case_prompt(dict(case, turnos=interview_turns(case, 3)[turn]))
+            cached = generate(server_generating, prompt=prompt, temperature=0, max_length=40)
+            fresh = generate(server_uncached, prompt=prompt, temperature=0, max_length=40)
+            assert cached["texto"] == fresh["texto"], (turn, case["id"])
+            assert fresh["metadata"]["cached_prompt_tokens"] == 0
+            if turn > 0:
+                reused.append(cached["metadata"]["cached_prompt_tokens"] / cached["metadata"]["prompt_tokens"])
+    assert min(reused) > 0.8, reused
+
+
+def test_response_cache_only_for_deterministic_requests(server, cases):
+    prompt = render_case_prompt(cases[2])
+    sampled = [generate(server, prompt=prompt, temperature=0.9, max_length=20) for _ in range(2)]
+    assert not any(r["metadata"]["cached"] for r in sampled)
+    seeded = [generate(server, prompt=prompt, temperature=0.9, seed=7, max_length=20) for _ in range(2)]
+    assert [r["metadata"]["cached"] for r in seeded] == [False, True]
+    assert seeded[0]["texto"] == seeded[1]["texto"]
+    greedy = [generate(server, prompt=prompt + " ", temperature=0, max_length=20) for _ in range(2)]
+    assert [r["metadata"]["cached"] for r in greedy] == [False, True]
+    other = generate(server, prompt=prompt + " ", temperature=0, max_length=21)  # any setting changes the key
+    assert other["metadata"]["cached"] is False
+
+
+@pytest.mark.parametrize("case_index", [0, 1, 2])
+def test_default_model_replies_end_at_the_turn_boundary(server_generating, cases, case_index):
+    prompt = render_case_prompt(cases[case_index])
+    for seed in (1, 2, 3):
+        body = generate(server_generating, prompt=prompt, temperature=0.7, seed=seed, max_length=150)
+        assert body["metadata"]["finish_reason"] in {"stop", "eos"}, body
+        assert body["texto"] and "Estudiante:" not in body["texto"]
