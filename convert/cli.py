@@ -1,9 +1,138 @@
-"""CLI commands of the converter, added to `ai-engine` by engine/cli.py."""
+"""CLI commands of the converter, added to `ai-engine` by engine/cli.py.
+
+Each command sets `func`, which returns an exit status. Failures are `EngineError`s that the
+engine's CLI prints as one line (`ai-engine: error: …`, exit status 2). SIGTERM is turned into an
+exception while a command runs, so a terminated conversion cleans up its temporary file too.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from convert.errors import ConvertError
+
+OUTTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register `convert`, `quantize` and `verify` (each sets `func`, returning an exit status)."""
+    from convert.quantize import NEEDS_IMATRIX, QUANT_TYPES
+
+    usable = ", ".join(t for t in QUANT_TYPES if t not in NEEDS_IMATRIX)
+
+    conv = sub.add_parser(
+        "convert", help="convert a Hugging Face checkpoint (folder or hub id) to GGUF",
+        description="Convert a Hugging Face checkpoint to GGUF, optionally quantize and verify it. "
+                    "SRC is a local folder or a hub repo id (org/name), downloaded with "
+                    "huggingface-hub (HF_HOME, HF_TOKEN and HF_HUB_OFFLINE apply).")
+    conv.add_argument("src", metavar="SRC", help="checkpoint folder or hub repo id")
+    conv.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.gguf",
+                      help="output GGUF file (written atomically, with .sha256 and .manifest.json)")
+    conv.add_argument("--outtype", choices=OUTTYPE_CHOICES, default="f16",
+                      help="type of the converted weights (default f16; norms stay f32)")
+    conv.add_argument("--quantize", metavar="TYPES", default="",
+                      help="also quantize to these comma-separated llama.cpp types (e.g. Q4_K_M,Q8_0); "
+                           "each goes to OUT-<type>.gguf")
+    conv.add_argument("--verify", action="store_true",
+                      help="compare the outputs against the original in transformers (needs torch)")
+    conv.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    conv.add_argument("--name", help="general.name (default: the model card's or the repo's name)")
+    conv.add_argument("--license", help="general.license (default: the model card's)")
+    conv.add_argument("--threads", type=int, default=None, help="quantization threads")
+    conv.set_defaults(func=_convert_cmd)
+
+    quant = sub.add_parser(
+        "quantize", help="quantize a GGUF file with llama.cpp",
+        description=f"Quantize a GGUF file with llama.cpp's quantizer. Types: {usable}.")
+    quant.add_argument("input", type=Path, metavar="IN.gguf")
+    quant.add_argument("output", type=Path, metavar="OUT.gguf")
+    quant.add_argument("--type", required=True, metavar="TYPE", help="e.g. Q4_K_M, Q5_K_M, Q8_0")
+    quant.add_argument("--threads", type=int, default=None)
+    quant.set_defaults(func=_quantize_cmd)
+
+    ver = sub.add_parser(
+        "verify", help="compare GGUF files with the original model and each other",
+        description="Logit NMSE and top-1 agreement of each GGUF against the Hugging Face model "
+                    "in transformers, and KL divergence against a reference GGUF (the first, "
+                    "unquantized file). Prints a table and writes FILE.verify.json beside each file.")
+    ver.add_argument("files", nargs="+", type=Path, metavar="FILE.gguf")
+    ver.add_argument("--hf", metavar="SRC", help="original checkpoint folder or hub id (needs torch)")
+    ver.add_argument("--reference", type=Path, metavar="REF.gguf",
+                     help="reference for KL (default: the first f32/f16/bf16 file given)")
+    ver.add_argument("--json", type=Path, metavar="PATH", help="also write the whole table here")
+    ver.set_defaults(func=_verify_cmd)
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Make SIGTERM raise, so `finally`/`except` blocks remove temporary files."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def quantized_name(out: Path, outtype: str, qtype: str) -> Path:
+    """OUT-q4_k_m.gguf for OUT.gguf; an outtype suffix (model-f16.gguf) is replaced, not extended."""
+    stem = re.sub(rf"[-_.]{re.escape(outtype)}$", "", out.stem, flags=re.I)
+    return out.with_name(f"{stem}-{qtype.lower()}.gguf")
+
+
+def _convert_cmd(args: argparse.Namespace) -> int:
+    from convert.hub import resolve_source
+    from convert.pipeline import convert
+    from convert.quantize import parse_type, quantize
+
+    types = [parse_type(t) for t in args.quantize.split(",") if t.strip()]
+    out: Path = args.output
+    if out.suffix != ".gguf":
+        raise ConvertError(f"the output name must end in .gguf: {out}")
+    outputs = [out]
+    with _terminate_as_exception():
+        source = resolve_source(args.src, args.revision)
+        result = convert(source, out, args.outtype, name=args.name, license=args.license)
+        print(f"{result.path} ({result.manifest['size_bytes'] / 1e6:.1f} MB, {args.outtype}, "
+              f"{result.seconds:.1f} s)")
+        for qtype in types:
+            target = quantized_name(out, args.outtype, qtype)
+            manifest = quantize(out, target, qtype, threads=args.threads)
+            print(f"{target} ({manifest['size_bytes'] / 1e6:.1f} MB, {qtype})")
+            outputs.append(target)
+        if args.verify:
+            from convert.verify import print_table, verify_files
+
+            report = verify_files(outputs, hf_source=source)
+            print_table(report, sys.stdout)
+    return 0
+
+
+def _quantize_cmd(args: argparse.Namespace) -> int:
+    from convert.quantize import quantize
+
+    with _terminate_as_exception():
+        manifest = quantize(args.input, args.output, args.type, threads=args.threads)
+    print(f"{args.output} ({manifest['size_bytes'] / 1e6:.1f} MB, {manifest['type']})")
+    return 0
+
+
+def _verify_cmd(args: argparse.Namespace) -> int:
+    from convert.hub import resolve_source
+    from convert.verify import print_table, verify_files
+
+    source = resolve_source(args.hf) if args.hf else None
+    report = verify_files(args.files, hf_source=source, reference=args.reference, json_path=args.json)
+    print_table(report, sys.stdout)
+    return 0
