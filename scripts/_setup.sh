@@ -87,7 +87,9 @@ ensure_project() {
   local want
   want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16) extras=$extras"
   local stamp="$VENV/.ai-engine-install"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import engine" 2>/dev/null; then
+  # An install with extras also serves a request for none (serve.sh after test.sh).
+  if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$want" ] || { [ -z "$extras" ] && [ "$(cut -d' ' -f1 "$stamp")" = "${want%% *}" ]; }; } \
+     && "$PY" -c "import engine" 2>/dev/null; then
     return 0
   fi
   log "installing ai-engine${extras:+ with [$extras]}"

@@ -1,118 +1,305 @@
 #!/usr/bin/env python3
-"""Benchmark the engine against llama-cpp-python itself, side by side in one run.
+"""Benchmark the generation core against llama.cpp itself, side by side in one run.
 
-1. Baseline: llama-cpp-python's `create_completion` (streaming, to time the first token) on the
-   same model, prompts and threads, in this process.
-2. Engine: a real `ai-engine serve` process, called over HTTP on `POST /generate`.
+Single request (default model, fixture case, greedy, no repeat penalty, NEW_TOKENS new tokens):
+  (a) floor: a bare decode loop on llama-cpp-python's low-level API (llama_decode + a greedy
+      native sampler; what llama.cpp itself does),
+  (b) llama-cpp-python's `Llama.create_completion` (streaming, to time the first token),
+  (c) the engine over HTTP (`POST /generate`: decode rate and TTFT as the engine measures them),
+      and (c') the same with `stream: true`, timed by the client from each token's event,
+  (d) transformers fp32 `generate` on the same weights, when torch and transformers are installed.
+Reported: decode tokens/s, prompt tokens/s, time to first token, and (c)/(a), (c)/(b).
 
-For each it reports decode tokens/s (prompt excluded), time to first token for a new interview
-(cold prompt) and for the interview's next turn (the transcript grows by one exchange), and the
-engine/baseline ratios. Run it on a quiet machine: `.venv/bin/python scripts/bench.py`.
+Interview: time to first token per turn over a 10-turn interview from the fixtures (the engine's
+reply is fed back as the patient's line, as the simulator does), with the conversation cache and
+without it (CACHE_RAM_MB=0), alone and with 4 interviews interleaved turn by turn.
+
+Writes bench/results/bench.md and bench/results/bench.png. Run on a quiet machine:
+`.venv/bin/python scripts/bench.py` (needs the `bench` extra for the chart: matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 from engine.default_model import ensure_default_model  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
 from engine.settings import physical_cores  # noqa: E402
-from tests.conftest import DATA, start_server, stop_server  # noqa: E402
+from tests.server_process import start_server, stop_server  # noqa: E402
 
 NEW_TOKENS = 128
+RESULTS = ROOT / "bench" / "results"
+CASES = json.loads((ROOT / "tests" / "data" / "patient_cases.json").read_text(encoding="utf-8"))["cases"]
+QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
+             "¿Qué pensás que lo empeora?", "¿Cómo están tus comidas y tu energía?",
+             "¿Qué te gustaría que cambie?", "¿Cómo te sentís ahora, contándolo?", "¿Qué hacés para relajarte?",
+             "¿Con quién contás cuando estás mal?", "¿Qué esperás de estas sesiones?"]
 
 
-def prompts() -> list[tuple[str, str]]:
-    """(cold prompt, next-turn prompt) per fixture case."""
-    cases = json.loads((DATA / "patient_cases.json").read_text(encoding="utf-8"))["cases"]
-    pairs = []
-    for case in cases:
-        first = render_case_prompt(case)
-        grown = dict(case, turnos=case["turnos"] + [["Paciente", "No sé bien."],
-                                                   ["Estudiante", "¿Podés contarme un poco más?"]])
-        pairs.append((first, render_case_prompt(grown)))
-    return pairs
+def single_prompt() -> str:
+    return render_case_prompt(CASES[0])
 
 
-def baseline(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
-    import llama_cpp
+# -- (a) the floor: a bare low-level loop ---------------------------------------------------
+def bare_loop(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
+    import llama_cpp as L
 
-    llm = llama_cpp.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    out: dict[str, list[float]] = {"decode": [], "ttft_cold": [], "ttft_next": []}
+    llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    ctx, n_batch = llm.ctx, llm.n_batch
+    tokens = llm.tokenize(single_prompt().encode(), add_bos=True, special=True)
+    batch = L.llama_batch_init(n_batch, 0, 1)
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+    mem = L.llama_get_memory(ctx)
+    out: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+
+    def decode(toks, pos0):
+        batch.n_tokens = len(toks)
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, i == len(toks) - 1
+        assert L.llama_decode(ctx, batch) == 0
+
     for _ in range(rounds):
-        for cold, nxt in prompts():
-            for key, prompt in (("ttft_cold", cold), ("ttft_next", nxt)):
-                llm.reset()  # llama-cpp-python keeps the last prompt's KV; cold means cold
-                if key == "ttft_next":
-                    llm.create_completion(cold, max_tokens=1, temperature=0)
-                started = time.perf_counter()
-                first = last = None
-                n = 0
-                for _chunk in llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=0, stream=True):
-                    last = time.perf_counter()
-                    first = first or last
-                    n += 1
-                out[key].append(first - started)
-                if key == "ttft_cold" and n > 1:
-                    out["decode"].append((n - 1) / (last - first))
+        L.llama_memory_clear(mem, True)
+        started = time.perf_counter()
+        for s in range(0, len(tokens), n_batch):
+            decode(tokens[s:s + n_batch], s)
+        prompt_done = time.perf_counter()
+        pos = len(tokens)
+        token = L.llama_sampler_sample(chain, ctx, -1)
+        first = time.perf_counter()
+        for _ in range(NEW_TOKENS - 1):
+            decode([token], pos)
+            pos += 1
+            token = L.llama_sampler_sample(chain, ctx, -1)
+        last = time.perf_counter()
+        out["prompt"].append(len(tokens) / (prompt_done - started))
+        out["ttft"].append(first - started)
+        out["decode"].append((NEW_TOKENS - 1) / (last - first))
+    L.llama_sampler_free(chain)
+    L.llama_batch_free(batch)
     llm.close()
     return out
 
 
-def engine(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
-    env = {"MODEL_PATH": str(model.parent), "MODEL": model.name, "N_THREADS": str(threads),
-           "N_THREADS_BATCH": str(threads), "N_CTX": str(n_ctx), "LOG_LEVEL": "WARNING"}
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / "ai-engine-bench.log"
-    server = start_server(env, log)
-    out: dict[str, list[float]] = {"decode": [], "ttft_cold": [], "ttft_next": []}
-    try:
-        def call(prompt: str) -> dict:
-            r = requests.post(server.url + "/generate", json={
-                "prompt": prompt, "max_length": NEW_TOKENS, "temperature": 0, "stop": []}, timeout=300)
-            r.raise_for_status()
-            return r.json()["metadata"]
+# -- (b) llama-cpp-python's create_completion -----------------------------------------------
+def create_completion(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
+    import llama_cpp as L
 
+    llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = single_prompt()
+    n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
+    out: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+    for _ in range(rounds):
+        llm.reset()
+        L.llama_memory_clear(L.llama_get_memory(llm.ctx), True)  # cold: no reuse of the last prompt
+        started = time.perf_counter()
+        first = last = None
+        n = 0
+        for _chunk in llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=0, repeat_penalty=1.0,
+                                            stream=True):
+            last = time.perf_counter()
+            first = first or last
+            n += 1
+        out["ttft"].append(first - started)
+        out["prompt"].append(n_prompt / (first - started))
+        out["decode"].append((n - 1) / (last - first))
+    llm.close()
+    return out
+
+
+# -- (c) the engine over HTTP -----------------------------------------------------------------
+def engine_env(model: Path, threads: int, n_ctx: int, **extra: str) -> dict[str, str]:
+    return {"MODEL_PATH": str(model.parent), "MODEL": model.name, "N_THREADS": str(threads),
+            "N_THREADS_BATCH": str(threads), "N_CTX": str(n_ctx), "LOG_LEVEL": "WARNING",
+            "RESPONSE_CACHE_SIZE": "0", **extra}
+
+
+def engine_http(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """(c) as the simulator calls it (one JSON reply; decode rate and TTFT as the engine measured
+    them), and streaming (timed by the client from the arrival of each token's event)."""
+    server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
+                          Path(tempfile.gettempdir()) / "ai-engine-bench.log")
+    plain: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+    streamed: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+    body = {"prompt": single_prompt(), "max_length": NEW_TOKENS, "temperature": 0, "repeat_penalty": 1.0,
+            "stop": []}
+    try:
         for _ in range(rounds):
-            # Cold prompts: each case in turn, so the previous one's cached prefix does not help.
-            for cold, nxt in prompts():
-                meta = call(cold)
-                out["ttft_cold"].append(meta["ttft_ms"] / 1000)
-                out["decode"].append(meta["tokens_per_second"])
-                out["ttft_next"].append(call(nxt)["ttft_ms"] / 1000)
+            r = requests.post(server.url + "/generate", json=body, timeout=300)
+            r.raise_for_status()
+            meta = r.json()["metadata"]
+            plain["ttft"].append(meta["ttft_ms"] / 1000)
+            plain["prompt"].append(meta["prompt_tokens"] / (meta["ttft_ms"] / 1000))
+            plain["decode"].append(meta["tokens_per_second"])
+
+            started = time.perf_counter()
+            times, last_event = [], b""
+            with requests.post(server.url + "/generate", json={**body, "stream": True}, stream=True,
+                               timeout=300) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if line:
+                        times.append(time.perf_counter())
+                        last_event = line
+            meta = json.loads(last_event[len(b"data: "):])["metadata"]
+            first, last = times[0], times[-2]  # the last event is the final reply, not a token
+            streamed["ttft"].append(first - started)
+            streamed["prompt"].append(meta["prompt_tokens"] / (first - started))
+            streamed["decode"].append((meta["tokens"] - 1) / (last - first))
     finally:
         stop_server(server)
+    return {"(c) ai-engine over HTTP": plain, "(c') ai-engine over HTTP, streaming": streamed}
+
+
+# -- (d) transformers fp32 ----------------------------------------------------------------------
+def transformers_fp32(model: Path, threads: int, rounds: int) -> dict[str, list[float]] | None:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: F401
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
+    hf = AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name, torch_dtype=torch.float32)
+    ids = tok(single_prompt(), return_tensors="pt").input_ids
+    out: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            started = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - started
+            started = time.perf_counter()
+            hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            total = time.perf_counter() - started
+            out["ttft"].append(ttft)
+            out["prompt"].append(ids.shape[1] / ttft)
+            out["decode"].append((NEW_TOKENS - 1) / max(total - ttft, 1e-9))
     return out
+
+
+# -- the interview --------------------------------------------------------------------------------
+def interview(model: Path, threads: int, n_ctx: int, cache: bool, n_interviews: int, turns: int) -> list[list[float]]:
+    """TTFT (ms, server-measured) per turn, per interview; interviews interleave turn by turn."""
+    env = engine_env(model, threads, n_ctx, **({} if cache else {"CACHE_RAM_MB": "0"}))
+    server = start_server(env, Path(tempfile.gettempdir()) / "ai-engine-bench-interview.log")
+    histories = [[list(t) for t in CASES[i % len(CASES)]["turnos"]] for i in range(n_interviews)]
+    ttfts: list[list[float]] = [[] for _ in range(n_interviews)]
+    try:
+        for turn in range(turns):
+            for i, history in enumerate(histories):
+                case = dict(CASES[i % len(CASES)], turnos=history)
+                r = requests.post(server.url + "/generate", timeout=300, json={
+                    "prompt": render_case_prompt(case), "max_length": 60, "temperature": 0.7, "seed": turn})
+                r.raise_for_status()
+                body = r.json()
+                ttfts[i].append(body["metadata"]["ttft_ms"])
+                history += [["Paciente", body["texto"] or "No sé."], ["Estudiante", QUESTIONS[turn % len(QUESTIONS)]]]
+    finally:
+        stop_server(server)
+    return ttfts
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--n-ctx", type=int, default=4096)
+    parser.add_argument("--no-transformers", action="store_true", help="skip (d) even if torch is installed")
     args = parser.parse_args()
     model = ensure_default_model(ROOT / "models")
-    print(f"model {model.name}, {args.threads} threads, {NEW_TOKENS} new tokens, {args.rounds} rounds x 3 cases",
-          flush=True)
-    base = baseline(model, args.threads, args.n_ctx, args.rounds)
-    eng = engine(model, args.threads, args.n_ctx, args.rounds)
-    print(f"\n| metric | llama-cpp-python | ai-engine over HTTP | ratio |\n|---|---|---|---|")
-    for key, label, unit, scale in (("decode", "decode tokens/s (median)", "", 1),
-                                    ("ttft_cold", "time to first token, new interview (median)", " ms", 1000),
-                                    ("ttft_next", "time to first token, next turn (median)", " ms", 1000)):
-        b, e = statistics.median(base[key]) * scale, statistics.median(eng[key]) * scale
-        print(f"| {label} | {b:.1f}{unit} | {e:.1f}{unit} | {e / b:.2f} |")
+    machine = f"{platform.processor() or platform.machine()}, {physical_cores()} cores, {args.threads} threads"
+    print(f"model {model.name}; {machine}; {NEW_TOKENS} new tokens; {args.rounds} rounds", flush=True)
+
+    runs = {"(a) bare llama.cpp loop": bare_loop(model, args.threads, args.n_ctx, args.rounds)}
+    print("a done", flush=True)
+    runs["(b) create_completion"] = create_completion(model, args.threads, args.n_ctx, args.rounds)
+    print("b done", flush=True)
+    runs.update(engine_http(model, args.threads, args.n_ctx, args.rounds))
+    print("c done", flush=True)
+    if not args.no_transformers:
+        hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
+        if hf:
+            runs["(d) transformers fp32"] = hf
+            print("d done", flush=True)
+
+    med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in runs.items()}
+    a, b, c = (med[k] for k in list(med)[:3])
+    lines = [f"Measured {date.today().isoformat()} on {machine}; model {model.name}; "
+             f"median of {args.rounds} runs; {NEW_TOKENS} new tokens, greedy.", "",
+             "| runner | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|"]
+    for name, m in med.items():
+        lines.append(f"| {name} | {m['decode']:.1f} | {m['prompt']:.0f} | {m['ttft'] * 1000:.0f} ms |")
+    lines += ["", f"Decode ratio (c)/(a) = **{c['decode'] / a['decode']:.3f}**, (c)/(b) = **{c['decode'] / b['decode']:.3f}**.", ""]
+
+    series = {}
+    for cache in (True, False):
+        for n in (1, 4):
+            series[(cache, n)] = interview(model, args.threads, args.n_ctx, cache, n, args.turns)
+            print(f"interview cache={cache} n={n} done", flush=True)
+    lines += ["Interview: time to first token per turn (ms, median over interviews), "
+              f"{args.turns} turns, the engine's replies fed back.", "",
+              "| turn | " + " | ".join(f"{'cache' if c_ else 'no cache'}, {n} interview{'s' if n > 1 else ''}"
+                                      for c_, n in series) + " |",
+              "|---" * (len(series) + 1) + "|"]
+    per_turn = {k: [statistics.median(t[i] for t in v) for i in range(args.turns)] for k, v in series.items()}
+    for turn in range(args.turns):
+        lines.append(f"| {turn + 1} | " + " | ".join(f"{per_turn[k][turn]:.0f}" for k in series) + " |")
+    late = slice(4, args.turns)
+    for n in (1, 4):
+        with_c = statistics.median(x for t in series[(True, n)] for x in t[late])
+        without = statistics.median(x for t in series[(False, n)] for x in t[late])
+        lines.append(f"\nTurns 5-{args.turns}, {n} interview{'s' if n > 1 else ''}: median TTFT {with_c:.0f} ms with "
+                     f"the cache vs {without:.0f} ms without: ratio **{with_c / without:.3f}**.")
+    report = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench.md").write_text(report, encoding="utf-8")
+    print("\n" + report)
+    chart(med, per_turn, args.turns)
     return 0
+
+
+def chart(med: dict, per_turn: dict, turns: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install -e '.[bench]')")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = list(med)
+    left.barh(names, [med[n]["decode"] for n in names], color="#4c72b0")
+    left.set_xlabel("decode tokens/s (higher is better)")
+    left.invert_yaxis()
+    x = np.arange(1, turns + 1)
+    for (cache, n), ys in per_turn.items():
+        right.plot(x, ys, marker="o", linestyle="-" if cache else "--",
+                   label=f"{'cache' if cache else 'no cache'}, {n} interview{'s' if n > 1 else ''}")
+    right.set_xlabel("interview turn")
+    right.set_ylabel("time to first token (ms)")
+    right.set_yscale("log")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bench.png", dpi=110)
+    print(f"chart: {RESULTS / 'bench.png'}")
 
 
 if __name__ == "__main__":

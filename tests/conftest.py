@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 
 from engine.default_model import ensure_default_model
 from engine.settings import REPO_ROOT
+from tests.server_process import free_port, start_server, stop_server  # noqa: F401 (re-exported)
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
@@ -29,12 +24,6 @@ DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"
 def load_cases() -> list[dict]:
     with (DATA / "patient_cases.json").open(encoding="utf-8") as f:
         return json.load(f)["cases"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -64,48 +53,6 @@ def model_dir(tmp_path_factory, default_model_file) -> Path:
     link_or_copy(default_model_file, outside / "elsewhere.gguf")
     (root / "escape.gguf").symlink_to(outside / "elsewhere.gguf")
     return root
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float = 90.0) -> Server:
-    """Start `python -m engine serve` and wait until /health answers (or the process exits)."""
-    port = free_port()
-    env = {**os.environ, "API_PORT": str(port), "API_HOST": "127.0.0.1", **env_overrides}
-    log_file = log_path.open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "engine", "serve"], env=env,
-                               stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return Server(url, process, log_path)
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.25)
-    process.kill()
-    process.wait()
-    raise RuntimeError(f"server did not come up; its output:\n{log_path.read_text(errors='replace')}")
-
-
-def stop_server(server: Server) -> None:
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
 
 
 def _server_fixture(model_dir, tmp_path_factory, **env):
