@@ -23,9 +23,10 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     app.extensions["settings"] = settings
     app.extensions["model_host"] = host or ModelHost(settings)
 
-    from engine.api.simulator import bp as simulator_bp
+    from engine.api import ollama, openai, simulator
 
-    app.register_blueprint(simulator_bp)
+    for blueprint in (simulator.bp, ollama.bp, openai.bp):
+        app.register_blueprint(blueprint)
     _register_error_handlers(app)
     return app
 

@@ -40,6 +40,8 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
 
     @property
@@ -203,6 +205,16 @@ class LlamaSession:
     def is_eog(self, token: int) -> bool:
         return bool(self._lib.llama_vocab_is_eog(self.vocab, token))
 
+    def special_token_text(self) -> tuple[str, str, bool]:
+        """(BOS text, EOS text, whether the tokenizer adds BOS) for chat templates."""
+        lib = self._lib
+
+        def text(token: int) -> str:
+            return "" if token < 0 else lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+        return (text(lib.llama_vocab_bos(self.vocab)), text(lib.llama_vocab_eos(self.vocab)),
+                bool(lib.llama_vocab_get_add_bos(self.vocab)))
+
     # -- KV cache ---------------------------------------------------------------------------
     def _decode(self, tokens: np.ndarray, pos0: int) -> None:
         """Evaluate `tokens` at positions pos0..; logits only for the last one."""
@@ -305,8 +317,9 @@ class LlamaSession:
         add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
         if params.top_k > 0:
             add(lib.llama_sampler_init_top_k(params.top_k))
-        if params.repeat_penalty != 1.0:
-            add(lib.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, params.repeat_penalty, 0.0, 0.0))
+        if params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+            add(lib.llama_sampler_init_penalties(self.n_vocab, PENALTY_LAST_N, params.repeat_penalty,
+                                                 params.frequency_penalty, params.presence_penalty))
         if params.temperature <= 0:
             add(lib.llama_sampler_init_greedy())
         else:

@@ -42,6 +42,11 @@ class LoadedModel:
     def n_ctx(self) -> int:
         return self.session.n_ctx
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The GGUF's metadata as llama.cpp read it (strings), arrays excluded."""
+        return self.llm.metadata
+
     def close(self) -> None:
         self.session.close()
         self.llm.close()
@@ -104,6 +109,32 @@ class ModelHost:
                 field="model_name")
         return resolved
 
+    def find_model(self, name: str) -> Path | None:
+        """A model named as clients name them: a file name or path under MODEL_PATH, with or
+        without `.gguf`, with or without an Ollama-style `:latest` tag."""
+        name = name.strip().removesuffix(":latest")
+        for rel in self.list_models():
+            if name in (rel, rel.removesuffix(".gguf"), Path(rel).name, Path(rel).stem):
+                return self.model_dir / rel
+        return None
+
+    def ensure_model(self, name: str | None) -> tuple[LoadedModel, float]:
+        """The loaded model if `name` is empty or names it; otherwise load the named model
+        (switching the engine to it). Returns the model and the seconds spent loading."""
+        current = self._model
+        if not name or current is not None and name.strip().removesuffix(":latest") in model_aliases(current.name):
+            if current is None:
+                raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
+            return current, 0.0
+        path = self.find_model(name)
+        if path is None:
+            raise ModelNotFound(f"model '{name}' not found under MODEL_PATH ({self.model_dir}); "
+                                "GET /api/tags or /v1/models lists them", field="model")
+        if current is not None and path.resolve() == current.path.resolve():
+            return current, 0.0
+        loaded = self.load(path)
+        return loaded, loaded.load_seconds
+
     def list_models(self) -> list[str]:
         """GGUF files under MODEL_PATH, as paths relative to it (hidden and partial files skipped)."""
         if not self.model_dir.is_dir():
@@ -111,7 +142,9 @@ class ModelHost:
         names = []
         for path in self.model_dir.rglob("*.gguf"):
             rel = path.relative_to(self.model_dir)
-            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            # Links that lead outside MODEL_PATH cannot be loaded, so they are not listed either.
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts) \
+                    and self.model_dir in path.resolve().parents:
                 names.append(rel.as_posix())
         return sorted(names)
 
@@ -178,6 +211,11 @@ class ModelHost:
             model, self._model = self._model, None
         if model is not None:
             model.close()
+
+
+def model_aliases(name: str) -> set[str]:
+    """The names a model file answers to (relative path, without .gguf, file name, stem)."""
+    return {name, name.removesuffix(".gguf"), Path(name).name, Path(name).stem}
 
 
 def describe_path(path: Path) -> str:

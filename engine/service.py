@@ -10,7 +10,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from engine.generation import Generation, ReplyText, SamplingParams
+from engine.chat import ChatPrompt, chat_prompt
+from engine.generation import Generation, ReplyText, SamplingParams, StopRules
 from engine.model_host import LoadedModel, ModelHost
 
 
@@ -19,7 +20,7 @@ class Job:
     """One generation request, as every surface describes it."""
 
     prompt: str
-    params: SamplingParams
+    params: SamplingParams  # max_tokens <= 0: until the context is full
     new_reply: Callable[[], ReplyText]  # the surface's stop rules and cleaning
     cache_key: tuple  # what, beside prompt and params, makes the output differ (stops, cleaning)
     started: float = field(default_factory=time.perf_counter)
@@ -34,6 +35,9 @@ def prepare(host: ModelHost, job: Job) -> None:
     with host.use() as model:
         job._model, job.model_name = model, model.name
         job._tokens = model.session.tokenize(job.prompt)
+        if job.params.max_tokens <= 0:  # "until the context is full" (Ollama's num_predict -1)
+            room = model.n_ctx - len(job._tokens)
+            job.params = dataclasses.replace(job.params, max_tokens=max(room, 1))
         model.session.check_fits(job._tokens, job.params.max_tokens)
 
 
@@ -73,3 +77,16 @@ def complete(host: ModelHost, job: Job) -> Generation:
 
 def stop_key(stop: Sequence[str] | None) -> tuple:
     return ("default",) if stop is None else ("stop", *stop)
+
+
+def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]]) -> ChatPrompt:
+    """`messages` rendered for `model` with its GGUF chat template (or the fallback transcript)."""
+    bos, eos, adds_bos = model.session.special_token_text()
+    return chat_prompt(model.metadata.get("tokenizer.chat_template"), messages, bos_token=bos,
+                       eos_token=eos, tokenizer_adds_bos=adds_bos)
+
+
+def plain_reply(stops: Sequence[str]) -> Callable[[], ReplyText]:
+    """Raw model text (no cleaning), ended by `stops`: the Ollama and OpenAI surfaces."""
+    rules_stops = tuple(stops)
+    return lambda: ReplyText(StopRules(strings=rules_stops), clean=lambda text: text)

@@ -14,7 +14,7 @@ _MISSING = object()
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object, or a 400 that says why there is none."""
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True, silent=True)  # like Ollama, whatever the Content-Type says
     if body is None:
         raise BadRequest("the request body must be JSON (Content-Type: application/json)")
     if not isinstance(body, dict):

@@ -1,0 +1,169 @@
+"""The OpenAI API subset: /v1/models, /v1/completions, /v1/chat/completions.
+
+Shapes follow OpenAI's API reference (objects, ids, `usage`, SSE chunks ending in `data: [DONE]`,
+errors as `{"error": {"message", "type", "param", "code"}}`), so the official `openai` client and
+tools built on it work unchanged. Differences are listed in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from engine import service
+from engine.api import validation as v
+from engine.chat import validate_messages
+from engine.errors import BadRequest, EngineError
+from engine.generation import SamplingParams
+from engine.model_host import ModelHost
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+
+
+def _host() -> ModelHost:
+    return current_app.extensions["model_host"]
+
+
+@bp.errorhandler(EngineError)
+def openai_error(exc: EngineError):
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    code = "model_not_found" if exc.status == 404 else None
+    return jsonify(error={"message": exc.message, "type": kind, "param": exc.field, "code": code}), exc.status
+
+
+@bp.get("/models")
+def models():
+    """Every GGUF under MODEL_PATH; `id` is what `model` accepts."""
+    host = _host()
+    return jsonify(object="list", data=[
+        {"id": rel, "object": "model", "created": int((host.model_dir / rel).stat().st_mtime), "owned_by": "ai-engine"}
+        for rel in host.list_models()])
+
+
+def _params(body: dict, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:
+    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
+                          ("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("suffix", (None,))):
+        if body.get(name) not in allowed:
+            raise BadRequest(f"'{name}'={body.get(name)!r} is not supported by this engine", field=name)
+    if body.get("tools"):
+        raise BadRequest("'tools' (function calling) is not supported by this engine", field="tools")
+    fmt = body.get("response_format")
+    if fmt not in (None, {"type": "text"}):
+        raise BadRequest("only response_format {'type': 'text'} is supported", field="response_format")
+    max_tokens = v.integer(body, "max_completion_tokens", None, minimum=1)
+    max_tokens = v.integer(body, "max_tokens", max_tokens, minimum=1) or default_max_tokens
+    stop = v.string_list(body, "stop", max_items=4) or []
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=v.number(body, "temperature", 1.0, minimum=0, maximum=2),
+        top_p=v.number(body, "top_p", 1.0, minimum=0, maximum=1, min_inclusive=False),
+        top_k=0, min_p=0.0, repeat_penalty=1.0,
+        frequency_penalty=v.number(body, "frequency_penalty", 0.0, minimum=-2, maximum=2),
+        presence_penalty=v.number(body, "presence_penalty", 0.0, minimum=-2, maximum=2),
+        seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
+    ), stop
+
+
+def _usage(job: service.Job) -> dict:
+    r = job.result
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.tokens,
+            "total_tokens": r.prompt_tokens + r.tokens}
+
+
+def _finish(job: service.Job) -> str:
+    return "length" if job.result.finish_reason == "length" else "stop"
+
+
+def _run(job: service.Job, stream: bool, include_usage: bool, obj: str, choice, chunk_choice) -> Response:
+    """A whole `obj` reply, or SSE chunks: one per token, the finish chunk, usage if asked, [DONE]."""
+    host = _host()
+    service.prepare(host, job)
+    rid = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    if not stream:
+        text = "".join(service.run(host, job))
+        return jsonify(id=rid, object=obj, created=created, model=job.model_name,
+                       choices=[choice(text, _finish(job))], usage=_usage(job))
+    chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
+
+    def sse(payload) -> str:
+        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    def events():
+        base = {"id": rid, "object": chunk_obj, "created": created, "model": job.model_name}
+        first = chunk_choice(None, None, first=True)
+        if first is not None:
+            yield sse({**base, "choices": [first]})
+        for piece in service.run(host, job):
+            if piece:
+                yield sse({**base, "choices": [chunk_choice(piece, None)]})
+        yield sse({**base, "choices": [chunk_choice(None, _finish(job))]})
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": _usage(job)})
+        yield "data: [DONE]\n\n"
+
+    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool]:
+    stream = v.boolean(body, "stream", False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", field="stream_options")
+    return stream, v.boolean(options, "include_usage", False)
+
+
+@bp.post("/completions")
+def completions():
+    """Complete a raw `prompt` (no chat template)."""
+    started = time.perf_counter()
+    body = v.json_body()
+    name = v.string(body, "model", required=True)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string (lists of prompts and token ids are not supported)",
+                         field="prompt")
+    params, stop = _params(body, default_max_tokens=16)
+    stream, include_usage = _stream_flags(body)
+    _host().ensure_model(name)
+    job = service.Job(prompt=prompt, params=params, new_reply=service.plain_reply(stop),
+                      cache_key=("plain", *stop), started=started)
+
+    def choice(text, finish):
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk_choice(text, finish, first=False):
+        return None if first else choice(text or "", finish)
+
+    return _run(job, stream, include_usage, "text_completion", choice, chunk_choice)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
+    started = time.perf_counter()
+    body = v.json_body()
+    name = v.string(body, "model", required=True)
+    messages = validate_messages(body.get("messages"))
+    params, stop = _params(body, default_max_tokens=0)
+    stream, include_usage = _stream_flags(body)
+    model, _ = _host().ensure_model(name)
+    prompt = service.chat_prompt_for(model, messages)
+    stops = stop + list(prompt.extra_stops)
+    job = service.Job(prompt=prompt.text, params=params, new_reply=service.plain_reply(stops),
+                      cache_key=("plain", *stops), started=started)
+
+    def choice(text, finish):
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": finish}
+
+    def chunk_choice(text, finish, first=False):
+        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    return _run(job, stream, include_usage, "chat.completion", choice, chunk_choice)

@@ -1,0 +1,435 @@
+"""GPU offload planning: how many layers of a GGUF model fit the free VRAM, and whether to try.
+
+`plan_offload` reads a GGUF file's layout (tensor sizes per layer, attention shape), estimates what
+each offloaded layer costs on the GPU (weights, KV cache for `n_ctx`, compute buffers) and picks
+the largest layer count that fits the free VRAM minus a safety margin. `resolve_gpu_layers` turns
+the N_GPU_LAYERS setting (`auto`, `-1`, `0` or a count) into the number passed to llama.cpp,
+refusing explicit GPU layers on a build or a machine that cannot honour them.
+
+How llama.cpp (the version vendored by llama-cpp-python 0.3.36) places layers, which the arithmetic
+here follows (src/llama-model.cpp, `load_tensors`):
+
+- There are `n_layer + 1` offloadable layers: the repeating blocks `blk.0 … blk.{n-1}` and the
+  output layer (`output_norm`, `output`). `n_gpu_layers = k` puts the output layer on the GPU
+  first, then the last `k - 1` blocks; `k >= n_layer + 1` (or -1) offloads everything.
+- The input layer (`token_embd` and other non-block tensors) always stays on the CPU. A model with
+  tied embeddings (no `output.weight`) gets a GPU copy of `token_embd` as its output matrix.
+- Each block's KV cache lives on that block's device.
+- The compute buffer of the device that holds the output layer includes the logits of a whole
+  micro-batch (`n_vocab × n_ubatch` floats): 512 MiB for Gemma 3's 262k vocabulary.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import mmap
+import os
+import platform
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from engine.errors import ModelRefused, SettingsError
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+# Headroom kept free on each GPU. NVML reports free memory before this process creates its CUDA
+# context (0.3–0.5 GiB with cuBLAS), and the allocator needs slack; llama.cpp's own `--fit`
+# keeps 1 GiB free per device as well.
+DEFAULT_MARGIN_BYTES = 1 * GiB
+
+# llama.cpp pads the context (and so the KV cache) to a multiple of 256 cells.
+_KV_PAD = 256
+
+# Layers whose attention is a sliding window, for architectures where llama.cpp hard-codes the
+# pattern (a GGUF may override it with `{arch}.attention.sliding_window_pattern`). With pattern
+# n, layer i is a sliding-window layer unless i % n == n - 1 (llama_hparams::set_swa_pattern).
+_SWA_PATTERNS = {
+    "gemma2": 2,       # alternating local/global
+    "gemma3": 6,       # 5 local : 1 global
+    "gemma3n": 5,
+    "gemma-embedding": 6,
+    "cohere2": 4,
+    "gpt-oss": 2,
+}
+
+# Bytes per KV cache element for each KV_CACHE_TYPE (block size and bytes from gguf's table).
+KV_TYPE_BYTES: dict[str, float] = {
+    name: gguf.GGML_QUANT_SIZES[qtype][1] / gguf.GGML_QUANT_SIZES[qtype][0]
+    for name, qtype in {
+        "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
+        "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q5_1": gguf.GGMLQuantizationType.Q5_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
+        "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }.items()
+}
+
+CUDA_BUILD_FIX = 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/serve.sh'
+
+
+class GpuUnavailableError(SettingsError):
+    """GPU layers were asked for explicitly, but the build or the machine cannot offload."""
+
+
+# -- reading a GGUF file's layout ---------------------------------------------------------------
+
+_SCALAR_FORMATS = {
+    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b",
+    gguf.GGUFValueType.UINT16: "<H", gguf.GGUFValueType.INT16: "<h",
+    gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
+    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?",
+    gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.INT64: "<q",
+    gguf.GGUFValueType.FLOAT64: "<d",
+}
+_MAX_KEPT_ARRAY = 4096  # per-layer arrays are kept; vocabularies (262k strings) are skipped
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """What the planner needs from a GGUF file: metadata (small values) and tensor sizes."""
+
+    metadata: dict[str, Any]
+    tensors: dict[str, tuple[tuple[int, ...], int]]  # name -> (shape, bytes)
+
+
+def read_gguf_layout(path: Path) -> GgufLayout:
+    """Read a GGUF file's metadata and tensor table without touching the tensor data.
+
+    `gguf.GGUFReader` builds a numpy view for every element of every array, which takes over
+    10 s on the default model's 262k-token vocabulary; this walks the header once, skipping large
+    arrays, and takes milliseconds. Type tables come from the `gguf` package.
+    """
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return _parse_layout(mm)
+    except (struct.error, ValueError, KeyError, OSError) as exc:
+        raise ModelRefused(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
+
+
+def _parse_layout(buf: mmap.mmap) -> GgufLayout:
+    magic, version = struct.unpack_from("<II", buf, 0)
+    if magic != gguf.GGUF_MAGIC:
+        raise ValueError("no GGUF magic bytes")
+    if version not in (2, 3):
+        raise ValueError(f"unsupported GGUF version {version}")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    off = 24
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, off = _read_string(buf, off)
+        (vtype,), off = struct.unpack_from("<I", buf, off), off + 4
+        metadata[key], off = _read_value(buf, off, gguf.GGUFValueType(vtype))
+    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
+    for _ in range(n_tensors):
+        name, off = _read_string(buf, off)
+        (n_dims,), off = struct.unpack_from("<I", buf, off), off + 4
+        shape = struct.unpack_from(f"<{n_dims}Q", buf, off)
+        off += 8 * n_dims
+        qtype, _data_offset = struct.unpack_from("<IQ", buf, off)
+        off += 12
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
+        tensors[name] = (tuple(shape), math.prod(shape) // block * type_size)
+    return GgufLayout(metadata, tensors)
+
+
+def _read_string(buf: mmap.mmap, off: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, off)
+    return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n
+
+
+def _read_value(buf: mmap.mmap, off: int, vtype: gguf.GGUFValueType) -> tuple[Any, int]:
+    if vtype == gguf.GGUFValueType.STRING:
+        return _read_string(buf, off)
+    if vtype != gguf.GGUFValueType.ARRAY:
+        fmt = _SCALAR_FORMATS[vtype]
+        return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
+    etype, count = struct.unpack_from("<IQ", buf, off)
+    off += 12
+    etype = gguf.GGUFValueType(etype)
+    if etype in _SCALAR_FORMATS:
+        size = struct.calcsize(_SCALAR_FORMATS[etype])
+        if count > _MAX_KEPT_ARRAY:
+            return None, off + size * count
+        values = struct.unpack_from("<" + _SCALAR_FORMATS[etype][1] * count, buf, off)
+        return list(values), off + size * count
+    items = []
+    for _ in range(count):  # arrays of strings (vocabularies) or nested arrays
+        item, off = _read_value(buf, off, etype)
+        if count <= _MAX_KEPT_ARRAY:
+            items.append(item)
+    return (items if count <= _MAX_KEPT_ARRAY else None), off
+
+
+# -- the model's shape ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Per-layer sizes and attention shape of a model, as llama.cpp will lay it out."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_ff: int
+    n_vocab: int
+    layer_bytes: tuple[int, ...]   # weights of each block blk.i
+    kv_per_cell: tuple[int, ...]   # K+V elements per context cell of each block
+    swa_layers: tuple[bool, ...]   # True where a block attends through a sliding window
+    n_swa: int                     # sliding window size (0: none)
+    output_bytes: int              # what offloading the output layer puts on the GPU
+    output_copy_bytes: int         # part of it that is a copy: tied embeddings reuse token_embd,
+                                   # which the input layer keeps in RAM
+    weights_bytes: int             # all tensors in the file
+
+    @classmethod
+    def from_layout(cls, layout: GgufLayout) -> "ModelShape":
+        md, tensors = layout.metadata, layout.tensors
+        arch = md.get(gguf.Keys.General.ARCHITECTURE)
+        if not arch:
+            raise ModelRefused("the GGUF file has no general.architecture")
+
+        def key(template: str, default: Any = None) -> Any:
+            return md.get(template.format(arch=arch), default)
+
+        n_layer = int(key(gguf.Keys.LLM.BLOCK_COUNT, 0))
+        n_embd = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH, 0))
+        if n_layer <= 0 or n_embd <= 0:
+            raise ModelRefused(f"the GGUF file lacks {arch}.block_count or {arch}.embedding_length")
+        n_head = _per_layer(key(gguf.Keys.Attention.HEAD_COUNT, 1), n_layer)
+        n_head_kv = _per_layer(key(gguf.Keys.Attention.HEAD_COUNT_KV, None) or n_head, n_layer)
+        head_max = max(n_head) or 1
+        n_embd_k = int(key(gguf.Keys.Attention.KEY_LENGTH, n_embd // head_max))
+        n_embd_v = int(key(gguf.Keys.Attention.VALUE_LENGTH, n_embd // head_max))
+        n_ff = max(_per_layer(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, 4 * n_embd), n_layer))
+        embd = tensors.get("token_embd.weight")
+        n_vocab = int(key(gguf.Keys.LLM.VOCAB_SIZE, 0) or (embd[0][-1] if embd else 0))
+
+        layer_bytes = [0] * n_layer
+        output_bytes = 0
+        for name, (_shape, nbytes) in tensors.items():
+            block = _block_index(name)
+            if block is not None and block < n_layer:
+                layer_bytes[block] += nbytes
+            elif name.split(".")[0] in ("output", "output_norm"):
+                output_bytes += nbytes
+        # Without output.weight llama.cpp reuses token_embd as the output matrix (tied embeddings).
+        copy_bytes = embd[1] if "output.weight" not in tensors and embd is not None else 0
+
+        n_swa = int(key(gguf.Keys.Attention.SLIDING_WINDOW, 0) or 0)
+        return cls(
+            arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=head_max, n_ff=n_ff, n_vocab=n_vocab,
+            layer_bytes=tuple(layer_bytes),
+            kv_per_cell=tuple(h * (n_embd_k + n_embd_v) for h in n_head_kv),
+            swa_layers=_swa_layers(arch, n_layer, n_swa, key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)),
+            n_swa=n_swa, output_bytes=output_bytes + copy_bytes, output_copy_bytes=copy_bytes,
+            weights_bytes=sum(nbytes for _shape, nbytes in tensors.values()))
+
+    @property
+    def total_layers(self) -> int:
+        """Offloadable layers as llama.cpp counts them: the blocks plus the output layer."""
+        return self.n_layer + 1
+
+
+def _per_layer(value: Any, n_layer: int) -> list[int]:
+    """A hyper-parameter that a GGUF stores either once or as one value per layer."""
+    if isinstance(value, list):
+        values = [int(v) for v in value[:n_layer]]
+        return values + [values[-1] if values else 0] * (n_layer - len(values))
+    return [int(value)] * n_layer
+
+
+def _block_index(name: str) -> int | None:
+    if not name.startswith("blk."):
+        return None
+    index = name.split(".", 2)[1]
+    return int(index) if index.isdigit() else None
+
+
+def _swa_layers(arch: str, n_layer: int, n_swa: int, pattern: Any) -> tuple[bool, ...]:
+    if n_swa <= 0:
+        return (False,) * n_layer
+    if isinstance(pattern, list):  # one flag per layer
+        return tuple(bool(p) for p in pattern[:n_layer]) + (False,) * max(0, n_layer - len(pattern))
+    n = int(pattern) if isinstance(pattern, int) and pattern > 0 else _SWA_PATTERNS.get(arch, 0)
+    if n <= 0:
+        return (False,) * n_layer
+    return tuple(i % n < n - 1 for i in range(n_layer))
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """Where a model's layers go and what that costs, in bytes."""
+
+    model: str                 # file name
+    gpu_layers: int            # layers on the GPU (the count to pass as n_gpu_layers)
+    total_layers: int          # blocks + output layer
+    n_ctx: int
+    gpu_bytes: int             # weights + KV + compute on the GPU
+    ram_bytes: int             # weights + KV + compute in RAM
+    kv_bytes: int              # the whole KV cache for n_ctx (GPU and RAM parts)
+    weights_bytes: int         # all tensors in the file
+    compute_bytes: int         # compute buffers (GPU and RAM)
+    gpu_weights_bytes: int
+    gpu_kv_bytes: int
+    gpu_compute_bytes: int
+    free_vram_bytes: int
+    margin_bytes: int
+    requested: str             # "auto" or the explicit value
+    reason: str = ""
+
+    @property
+    def fits(self) -> bool:
+        """Whether the GPU part fits the free VRAM with the margin kept."""
+        return self.gpu_bytes == 0 or self.gpu_bytes + self.margin_bytes <= self.free_vram_bytes
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        line = (f"GPU offload ({self.requested}): {self.gpu_layers}/{self.total_layers} layers of "
+                f"{self.model} on GPU, n_ctx {self.n_ctx}; GPU {fmt_bytes(self.gpu_bytes)} (weights "
+                f"{fmt_bytes(self.gpu_weights_bytes)}, KV {fmt_bytes(self.gpu_kv_bytes)}, compute "
+                f"{fmt_bytes(self.gpu_compute_bytes)}) of {fmt_bytes(self.free_vram_bytes)} free "
+                f"(margin {fmt_bytes(self.margin_bytes)}); RAM {fmt_bytes(self.ram_bytes)}; "
+                f"KV cache {fmt_bytes(self.kv_bytes)}")
+        return f"{line}; {self.reason}" if self.reason else line
+
+
+def fmt_bytes(n: float) -> str:
+    """Bytes in MiB below 1 GiB, else in GiB."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class _Costs:
+    gpu_weights: int
+    gpu_kv: int
+    gpu_compute: int
+    ram_weights: int
+    ram_kv: int
+    ram_compute: int
+
+    @property
+    def gpu(self) -> int:
+        return self.gpu_weights + self.gpu_kv + self.gpu_compute
+
+    @property
+    def ram(self) -> int:
+        return self.ram_weights + self.ram_kv + self.ram_compute
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, *, kv_type_bytes: float = 2.0, n_ubatch: int = 512,
+                   swa_full: bool = True) -> list[int]:
+    """KV cache bytes of each block for a context of `n_ctx` tokens.
+
+    Sliding-window blocks keep only `n_swa + n_ubatch` cells unless `swa_full` (the engine sets
+    it, so that its conversation cache can drop a suffix), as llama_kv_cache_iswa does.
+    """
+    cells = _pad(n_ctx)
+    swa_cells = min(cells, _pad(shape.n_swa + n_ubatch)) if not swa_full else cells
+    return [math.ceil((swa_cells if swa else cells) * per_cell * kv_type_bytes)
+            for per_cell, swa in zip(shape.kv_per_cell, shape.swa_layers)]
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int, *, with_output: bool,
+                         flash_attn: bool = False) -> int:
+    """Estimated compute buffer of one device: f32 activations of one micro-batch.
+
+    The largest live tensor dominates: the logits (n_vocab per token) where the output layer
+    runs, otherwise the attention scores (n_head × n_ctx per token, plus the mask) without flash
+    attention, or the feed-forward's gate and up projections. Calibrated on llama.cpp's CPU
+    buffer for the default model: 515.75 MiB estimated and reported at n_ctx 512, n_ubatch 512.
+    """
+    attn = (n_ctx if flash_attn else (shape.n_head + 1) * n_ctx)
+    widest = max(attn, 2 * shape.n_ff, shape.n_vocab if with_output else 0)
+    return 4 * n_ubatch * (3 * shape.n_embd + widest)
+
+
+def _costs(shape: ModelShape, k: int, kv: list[int], n_ctx: int, n_ubatch: int, flash_attn: bool) -> _Costs:
+    """What `n_gpu_layers = k` puts on the GPU and leaves in RAM."""
+    gpu_blocks = max(0, min(k, shape.total_layers) - 1)
+    first_gpu = shape.n_layer - gpu_blocks
+    output_on_gpu = k >= 1
+    gpu_weights = sum(shape.layer_bytes[first_gpu:]) + (shape.output_bytes if output_on_gpu else 0)
+    moved = gpu_weights - (shape.output_copy_bytes if output_on_gpu else 0)
+    gpu_kv = sum(kv[first_gpu:])
+    gpu_compute = compute_buffer_bytes(shape, n_ctx, n_ubatch, with_output=True,
+                                       flash_attn=flash_attn) if output_on_gpu else 0
+    if first_gpu > 0 or not output_on_gpu:
+        ram_compute = compute_buffer_bytes(shape, n_ctx, n_ubatch, with_output=not output_on_gpu,
+                                           flash_attn=flash_attn)
+    else:  # everything offloaded: the CPU only looks up the input embeddings
+        ram_compute = 4 * n_ubatch * shape.n_embd
+    return _Costs(gpu_weights=gpu_weights, gpu_kv=gpu_kv, gpu_compute=gpu_compute,
+                  ram_weights=shape.weights_bytes - moved, ram_kv=sum(kv) - gpu_kv,
+                  ram_compute=ram_compute)
+
+
+def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes: int, *,
+                 n_gpu_layers_requested: str | int = "auto", kv_type_bytes: float = 2.0,
+                 margin_bytes: int = DEFAULT_MARGIN_BYTES, n_batch: int = 512, flash_attn: bool = False,
+                 swa_full: bool = True, shape: ModelShape | None = None) -> OffloadPlan:
+    """Plan how many layers of the model at `gguf_path` go to a GPU with `free_vram_bytes` free.
+
+    `auto` picks the largest layer count whose GPU part (weights, KV cache for `n_ctx`, compute
+    buffer) fits `free_vram_bytes - margin_bytes`; an explicit count (or -1 for all) is planned
+    as given, and `OffloadPlan.fits` says whether it fits. `n_batch` bounds llama.cpp's micro-batch
+    (n_ubatch = min(512, n_batch, n_ctx)), which sizes the compute buffers.
+    """
+    path = Path(gguf_path)
+    shape = shape or ModelShape.from_layout(read_gguf_layout(path))
+    n_ubatch = max(1, min(512, n_batch, n_ctx))
+    kv = kv_cache_bytes(shape, n_ctx, kv_type_bytes=kv_type_bytes, n_ubatch=n_ubatch, swa_full=swa_full)
+    total = shape.total_layers
+
+    def costs(k: int) -> _Costs:
+        return _costs(shape, k, kv, _pad(n_ctx), n_ubatch, flash_attn)
+
+    requested = str(n_gpu_layers_requested).strip().lower()
+    budget = free_vram_bytes - margin_bytes
+    if requested == "auto":
+        # GPU cost grows with every layer, so the first count that does not fit ends the search.
+        k = 0
+        while k < total and costs(k + 1).gpu <= budget:
+            k += 1
+        if k == total:
+            reason = "all layers fit"
+        elif k == 0:
+            reason = (f"not even the output layer fits (it needs {fmt_bytes(costs(1).gpu)} with its "
+                      "compute buffer); running on CPU")
+        else:
+            reason = f"{k + 1} layers would need {fmt_bytes(costs(k + 1).gpu)}"
+    else:
+        value = int(requested)
+        k = total if value < 0 else min(value, total)
+        reason = "requested"
+    chosen = costs(k)
+    plan = OffloadPlan(
+        model=path.name, gpu_layers=k, total_layers=total, n_ctx=n_ctx, gpu_bytes=chosen.gpu,
+        ram_bytes=chosen.ram, kv_bytes=sum(kv), weights_bytes=shape.weights_bytes,
+        compute_bytes=chosen.gpu_compute + chosen.ram_compute, gpu_weights_bytes=chosen.gpu_weights,
+        gpu_kv_bytes=chosen.gpu_kv, gpu_compute_bytes=chosen.gpu_compute,
+        free_vram_bytes=free_vram_bytes, margin_bytes=margin_bytes, requested=requested, reason=reason)
+    if requested != "auto" and k > 0 and not plan.fits:
+        plan = _with_reason(plan, f"does not fit the free VRAM: loading may fail with out of memory "
+                                  "(N_GPU_LAYERS=auto picks a count that fits)")
+    return plan
+
+
+def _with_reason(plan: OffloadPlan, reason: str) -> OffloadPlan:
+    return OffloadPlan(**{**plan.__dict__, "reason": reason})
+
+
+def _pad(n: int) -> int:
+    return -(-n // _KV_PAD) * _KV_PAD
