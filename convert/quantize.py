@@ -7,6 +7,7 @@ refuses without an importance matrix are refused here too, with the alternatives
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -71,7 +72,7 @@ def quantize(src: Path, dst: Path, qtype: str, *, threads: int | None = None) ->
                                 "see the log above for the tensor it stopped at")
     seconds = time.monotonic() - started
     manifest = write_sidecars(dst, {
-        "type": key, "quantized_from": {"file": src.name, **_source_sha(src)},
+        **_inherited(src), "type": key, "quantized_from": {"file": src.name, **_source_sha(src)},
         "converter": "ai-engine quantize", "converter_version": CONVERTER_VERSION,
         "llama_cpp_python": llama_cpp.__version__, "seconds": round(seconds, 2),
     })
@@ -85,3 +86,13 @@ def _source_sha(src: Path) -> dict:
     if sidecar.is_file():
         return {"sha256": sidecar.read_text(encoding="utf-8").split()[0]}
     return {}
+
+
+def _inherited(src: Path) -> dict:
+    """Source, architecture and name from the input's manifest, so provenance survives quantizing."""
+    path = src.with_name(src.name + ".manifest.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: data[k] for k in ("source", "architecture", "gguf_architecture", "name") if k in data}
