@@ -1,17 +1,29 @@
-"""The Flask app factory: settings and model host attached, one blueprint per API surface."""
+"""The Flask app factory: settings and model host attached, one blueprint per API surface, and
+the cross-cutting parts: API key, CORS, body size limit, request ids, access log, metrics."""
 
 from __future__ import annotations
 
+import hmac
 import logging
+import time
+import uuid
 
-from flask import Flask, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from engine.errors import EngineError
+from engine.logs import log_access
 from engine.model_host import ModelHost
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = {"/health", "/openapi.json"}
+REQUEST_FIELDS = "ai_engine.fields"  # per-request dict in the WSGI environ: id, token counts
+
+
+class Unauthorized(EngineError):
+    status = 401
 
 
 def create_app(settings: Settings | None = None, host: ModelHost | None = None) -> Flask:
@@ -20,27 +32,85 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     app = Flask(__name__)
     app.json.ensure_ascii = False  # Spanish replies stay readable on the wire
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["settings"] = settings
     app.extensions["model_host"] = host or ModelHost(settings)
 
-    from engine.api import ollama, openai, simulator
+    from engine.api import ollama, openai, ops, simulator
 
-    for blueprint in (simulator.bp, ollama.bp, openai.bp):
+    for blueprint in (simulator.bp, ollama.bp, openai.bp, ops.bp):
         app.register_blueprint(blueprint)
+    _register_hooks(app, settings)
     _register_error_handlers(app)
     return app
 
 
-def model_host(app: Flask) -> ModelHost:
-    return app.extensions["model_host"]
+def request_fields() -> dict:
+    """The current request's log fields (token counts are added by the handlers)."""
+    return request.environ.setdefault(REQUEST_FIELDS, {})
+
+
+def _register_hooks(app: Flask, settings: Settings) -> None:
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    host: ModelHost = app.extensions["model_host"]
+
+    @app.before_request
+    def start_request():
+        request.environ["ai_engine.started"] = time.perf_counter()
+        request_fields()["request_id"] = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+        if request.method == "OPTIONS":
+            return _preflight(origins)
+        if settings.api_key and request.path not in PUBLIC_PATHS and not _authorized(settings.api_key):
+            raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                               headers={"WWW-Authenticate": 'Bearer realm="ai-engine"'})
+        return None
+
+    @app.after_request
+    def finish_request(response: Response):
+        fields = request_fields()
+        response.headers["X-Request-ID"] = fields["request_id"]
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Vary"] = "Origin"
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        started = request.environ["ai_engine.started"]
+        method, path, remote, status = request.method, request.path, request.remote_addr, response.status_code
+
+        def done():  # after the body is sent: streamed responses end here, not in after_request
+            host.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            host.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            log_access(fields.pop("request_id"), method, path, status, started, remote, fields)
+
+        response.call_on_close(done)
+        return response
+
+
+def _authorized(key: str) -> bool:
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
+    return bool(given) and hmac.compare_digest(given.encode(), key.encode())
+
+
+def _preflight(origins: list[str]) -> Response:
+    """CORS preflight: allowed origins get the methods and headers the APIs use."""
+    response = Response(status=204)
+    origin = request.headers.get("Origin")
+    if origin and ("*" in origins or origin in origins):
+        response.headers.update({
+            "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": "Content-Type, Authorization, X-API-Key, X-Request-ID",
+            "Access-Control-Max-Age": "600", "Vary": "Origin"})
+    return response
 
 
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(EngineError)
     def engine_error(exc: EngineError):
         if exc.status >= 500:
-            log.error("%s: %s", type(exc).__name__, exc.message)
-        return jsonify(error=exc.message), exc.status
+            log.warning("%s: %s", type(exc).__name__, exc.message)
+        return jsonify(error=exc.message), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -74,4 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Plain text logs for the one-shot commands (the server configures its own)."""
+    from engine.logs import configure_logging
+
+    configure_logging(level, "text")

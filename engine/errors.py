@@ -12,10 +12,11 @@ class EngineError(Exception):
 
     status = 500
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.headers = headers or {}  # HTTP headers the answer carries (Retry-After, WWW-Authenticate)
 
 
 class BadRequest(EngineError):

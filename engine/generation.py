@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from engine.admission import RequestTimeout
 from engine.errors import ContextOverflow, EngineError
 from engine.prompt_cache import ConversationCache, common_prefix
 
@@ -340,9 +341,11 @@ class LlamaSession:
                 "max_length or raise N_CTX", field="prompt")
 
     def generate(self, prompt: np.ndarray, params: SamplingParams, reply: ReplyText,
-                 started: float, result: list[Generation]) -> Iterator[str]:
+                 started: float, result: list[Generation], deadline: float = math.inf,
+                 on_token: Callable[[], None] = lambda: None) -> Iterator[str]:
         """Generate into `reply`, yielding the newly stable reply text after each token (often
-        ""). The finished `Generation` is appended to `result`."""
+        ""). The finished `Generation` is appended to `result`. Past `deadline` (perf_counter)
+        generation stops with `RequestTimeout`; closing the iterator stops it at the next token."""
         self.check_fits(prompt, params.max_tokens)
         lib = self._lib
         reused = self.prefill(prompt)
@@ -360,6 +363,10 @@ class LlamaSession:
                     finish = "eos"
                     break
                 n_tokens += 1
+                on_token()
+                if t_last > deadline:
+                    raise RequestTimeout(f"the request timed out after {t_last - started:.1f} s with "
+                                         f"{n_tokens} tokens generated (REQUEST_TIMEOUT_S)")
                 logprob_sum += self.logprob(token)
                 stopped = reply.add(decoder.decode(self.piece(token)))
                 if stopped:

@@ -19,7 +19,10 @@ from typing import Iterator
 
 from engine.default_model import ensure_default_model
 from engine.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelRefused
+from engine.admission import Admission, QueueFull, RequestTimeout
 from engine.generation import LlamaSession
+from engine.gguf_info import quantization_name
+from engine.metrics import Metrics
 from engine.prompt_cache import ConversationCache, ResponseCache
 from engine.settings import KV_CACHE_TYPES, Settings
 
@@ -73,8 +76,11 @@ class ModelHost:
         self.model_dir = Path(settings.model_path).expanduser().resolve()
         self._model: LoadedModel | None = None
         self.responses = ResponseCache(settings.response_cache_size)
-        self._use_lock = threading.Lock()  # one generation at a time per llama context
+        self.metrics = Metrics()
+        # One generation at a time per llama context, in arrival order, with a bounded queue.
+        self.admission = Admission(settings.max_queue, on_change=self.metrics.queue_depth.set)
         self._load_lock = threading.Lock()  # one load at a time
+        self.loading = False  # /health answers 503 while a model loads
 
     # -- which file -----------------------------------------------------------------------
     def startup_model_path(self) -> Path:
@@ -153,12 +159,21 @@ class ModelHost:
         """Load `path` and make it the current model; the previous one is closed afterwards."""
         check_gguf_file(path)
         with self._load_lock:
-            new = self._build(path)
-            with self._use_lock:
-                old, self._model = self._model, new
+            self.loading = True
+            self.metrics.model_loaded.set(0)
+            try:
+                new = self._build(path)
+                # Requests already generating finish on the old model; the swap waits for them.
+                with self.admission.exclusive():
+                    old, self._model = self._model, new
+            finally:
+                self.loading = False
+                self.metrics.model_loaded.set(1 if self._model is not None else 0)
         if old is not None:
             old.close()
         self.responses.clear()
+        self.metrics.set_model(new.name, quantization_name(_file_type(new)), self.settings.n_gpu_layers,
+                               new.load_seconds)
         return new
 
     def _build(self, path: Path) -> LoadedModel:
@@ -198,19 +213,40 @@ class ModelHost:
     def current(self) -> LoadedModel | None:
         return self._model
 
+    @property
+    def ready(self) -> bool:
+        return self._model is not None and not self.loading
+
     @contextlib.contextmanager
-    def use(self) -> Iterator[LoadedModel]:
-        """Exclusive use of the current model's context for one generation."""
-        with self._use_lock:
-            if self._model is None:
-                raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
-            yield self._model
+    def use(self, deadline: float | None = None) -> Iterator[LoadedModel]:
+        """Exclusive use of the current model's context for one generation, after waiting in the
+        queue (503 when it is full; 504 when `deadline`, a perf_counter time, passes)."""
+        if deadline is None:
+            deadline = time.perf_counter() + self.settings.request_timeout_s
+        try:
+            with self.admission.slot(deadline):
+                if self._model is None:
+                    raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
+                yield self._model
+        except QueueFull:
+            self.metrics.rejections.inc()
+            raise
+        except RequestTimeout:
+            self.metrics.timeouts.inc()
+            raise
 
     def close(self) -> None:
-        with self._use_lock:
+        with self.admission.exclusive():
             model, self._model = self._model, None
         if model is not None:
             model.close()
+
+
+def _file_type(model: LoadedModel) -> int | None:
+    try:
+        return int(model.metadata.get("general.file_type", ""))
+    except ValueError:
+        return None
 
 
 def model_aliases(name: str) -> set[str]:

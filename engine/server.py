@@ -1,43 +1,62 @@
-"""Start-up: load the model, then serve the app with waitress (a production WSGI server)."""
+"""Start-up: listen at once (/health says 503 while loading), load the model, then serve with
+waitress (a production WSGI server). A model that cannot be loaded stops the engine with one
+clear line and exit status 2."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import sys
+import threading
 
 from engine.app import create_app
-from engine.cli import _configure_logging
 from engine.errors import EngineError, ModelLoadError
-from engine.model_host import ModelHost, describe_path
+from engine.logs import configure_logging
+from engine.model_host import ModelHost, check_gguf_file, describe_path
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def serve(settings: Settings) -> int:
-    """Load the configured model and serve until interrupted. Returns the exit status."""
-    _configure_logging(settings.log_level)
+    """Serve until interrupted. Returns the exit status."""
+    configure_logging(settings.log_level, settings.log_format, settings.log_prompts)
     host = ModelHost(settings)
     path = host.startup_model_path()
-    log.info("loading model %s", describe_path(path))
     try:
-        host.load(path)
+        check_gguf_file(path)  # the quick refusals (missing, not GGUF) before anything listens
     except EngineError as exc:
         raise ModelLoadError(f"cannot start: {exc.message}") from exc
     app = create_app(settings, host)
 
     from waitress import create_server
 
+    threads = settings.server_threads
+    if threads < settings.max_queue + 2:
+        log.warning("SERVER_THREADS=%d is below MAX_QUEUE + 2 = %d: waitress will hold requests before "
+                    "the engine's queue sees them", threads, settings.max_queue + 2)
     try:
-        server = create_server(app, host=settings.api_host, port=settings.api_port,
-                               threads=settings.server_threads, ident="ai-engine")
+        server = create_server(app, host=settings.api_host, port=settings.api_port, threads=threads,
+                               ident="ai-engine", channel_timeout=max(120, settings.request_timeout_s + 30))
     except OSError as exc:
         raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror}; "
                           "set API_PORT to a free port") from exc
-    model = host.current
-    # One plain line that people and scripts can read, whatever the log level.
-    print(f"ai-engine listening on http://{settings.api_host}:{server.effective_port} "
-          f"with model {model.name} ({model.path})", file=sys.stderr, flush=True)
+    _warn_if_exposed(settings)
+    url = f"http://{settings.api_host}:{server.effective_port}"
+    failure: list[str] = []
+
+    def load() -> None:
+        log.info("loading model %s", describe_path(path))
+        try:
+            model = host.load(path)
+        except EngineError as exc:
+            failure.append(f"cannot start: {exc.message}")
+            server.close()  # run() returns once nothing is left to serve
+            return
+        # One plain line that people and scripts can read, whatever the log format.
+        print(f"ai-engine listening on {url} with model {model.name} ({model.path})", file=sys.stderr, flush=True)
+
+    threading.Thread(target=load, name="model-loader", daemon=True).start()
     try:
         server.run()
     except KeyboardInterrupt:
@@ -45,4 +64,16 @@ def serve(settings: Settings) -> int:
     finally:
         server.close()
         host.close()
+    if failure:
+        raise ModelLoadError(failure[0])
     return 0
+
+
+def _warn_if_exposed(settings: Settings) -> None:
+    try:
+        loopback = ipaddress.ip_address(settings.api_host).is_loopback
+    except ValueError:
+        loopback = settings.api_host == "localhost"
+    if not loopback and not settings.api_key:
+        log.warning("listening on %s without ENGINE_API_KEY: anyone who can reach this address can use the "
+                    "engine and read its replies; set ENGINE_API_KEY", settings.api_host)

@@ -1,18 +1,30 @@
-"""One generation path under every API surface: prepare (validate against the model), run
-(stream or not), with the response cache in front and the model host's lock around the context."""
+"""One generation path under every API surface: the admission queue, the prompt checks, the
+response cache, streaming or not, and the metrics, the same for the simulator, Ollama and OpenAI."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
+from flask import Response, has_request_context, request
 
 from engine.chat import ChatPrompt, chat_prompt
 from engine.generation import Generation, ReplyText, SamplingParams, StopRules
+from engine.logs import log_prompt
 from engine.model_host import LoadedModel, ModelHost
+
+
+def _request_fields() -> dict:
+    if not has_request_context():
+        return {}
+    from engine.app import request_fields
+
+    fields = request_fields()
+    fields["path"] = request.path
+    return fields
 
 
 @dataclass
@@ -26,53 +38,104 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     result: Generation | None = None
     model_name: str = ""
-    _model: LoadedModel | None = None
-    _tokens: np.ndarray | None = None
+    fields: dict = field(default_factory=_request_fields)  # the access log's fields of this request
 
 
-def prepare(host: ModelHost, job: Job) -> None:
-    """Tokenize and check the prompt fits, so a bad request fails before any response starts."""
-    with host.use() as model:
-        job._model, job.model_name = model, model.name
-        job._tokens = model.session.tokenize(job.prompt)
-        if job.params.max_tokens <= 0:  # "until the context is full" (Ollama's num_predict -1)
-            room = model.n_ctx - len(job._tokens)
-            job.params = dataclasses.replace(job.params, max_tokens=max(room, 1))
-        model.session.check_fits(job._tokens, job.params.max_tokens)
+class Run:
+    """A job that holds its place at the model.
 
+    Creating it waits in the admission queue (a full queue is a 503, a passed deadline a 504) and
+    tokenizes the prompt (a prompt that does not fit is a 400), all before any response starts.
+    Iterating yields stable reply text as it comes (one item per token, often ""); afterwards
+    `job.result` holds the `Generation`. `close()` gives the model back; it is safe to call at any
+    time, also when iteration never started or stopped early (a client that went away).
+    """
 
-def run(host: ModelHost, job: Job) -> Iterator[str]:
-    """Generate, yielding stable reply text as it comes (one item per token, often ""); then
-    `job.result` holds the finished `Generation`. Closing the iterator early stops generating."""
-    if job.params.deterministic:
-        hit = host.responses.get(_response_key(job))
-        if hit is not None and job._model is host.current:
+    def __init__(self, host: ModelHost, job: Job) -> None:
+        self.host, self.job = host, job
+        self._stack = contextlib.ExitStack()
+        self._hit: Generation | None = None
+        if job.params.deterministic:
+            current = host.current
+            self._hit = current and host.responses.get(_response_key(job, current))
+            if self._hit is not None:
+                job.model_name = current.name
+                return
+        deadline = job.started + host.settings.request_timeout_s
+        try:
+            self.model = model = self._stack.enter_context(host.use(deadline))
+            job.model_name = model.name
+            self.tokens = model.session.tokenize(job.prompt)
+            if job.params.max_tokens <= 0:  # "until the context is full" (Ollama's num_predict -1)
+                room = model.n_ctx - len(self.tokens)
+                job.params = dataclasses.replace(job.params, max_tokens=max(room, 1))
+            model.session.check_fits(self.tokens, job.params.max_tokens)
+        except BaseException:
+            self._stack.close()
+            raise
+        self.deadline = deadline
+
+    def __iter__(self) -> Iterator[str]:
+        job, metrics = self.job, self.host.metrics
+        if self._hit is not None:
+            metrics.cache_hits.labels(cache="response").inc()
             now = time.perf_counter()
-            job.result = dataclasses.replace(hit, cached=True, ttft_s=now - job.started,
-                                             total_s=now - job.started, reused_tokens=hit.prompt_tokens)
-            yield hit.text
+            job.result = dataclasses.replace(self._hit, cached=True, ttft_s=now - job.started,
+                                             total_s=now - job.started, reused_tokens=self._hit.prompt_tokens)
+            self._record(job.result)
+            yield self._hit.text
             return
-    with host.use() as model:
-        if model is not job._model:  # swapped since prepare(): tokens of the new model
-            job._model, job.model_name = model, model.name
-            job._tokens = model.session.tokenize(job.prompt)
-        result: list[Generation] = []
-        yield from model.session.generate(job._tokens, job.params, job.new_reply(), job.started, result)
-    job.result = result[0]
-    if job.params.deterministic:
-        host.responses.put(_response_key(job), job.result)
+        try:
+            session = self.model.session
+            result: list[Generation] = []
+            hits_before = session.cache.hits
+            yield from session.generate(self.tokens, job.params, job.new_reply(), job.started, result,
+                                        deadline=self.deadline, on_token=metrics.generated_tokens.inc)
+            if session.cache.hits > hits_before:
+                metrics.cache_hits.labels(cache="conversation").inc()
+        finally:
+            self.close()
+        job.result = r = result[0]
+        self._record(r)
+        metrics.ttft.observe(r.ttft_s)
+        metrics.prompt_tokens.inc(r.prompt_tokens)
+        metrics.prompt_tokens_reused.inc(r.reused_tokens)
+        if r.tokens > 1:
+            metrics.tokens_per_second.observe(r.tokens_per_second)
+        if job.params.deterministic:
+            self.host.responses.put(_response_key(job, self.model), r)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _record(self, r: Generation) -> None:
+        """Token counts into the access log; prompt and reply into the opt-in history only."""
+        job = self.job
+        path = job.fields.pop("path", "")
+        job.fields.update(model=job.model_name, prompt_tokens=r.prompt_tokens, cached_prompt_tokens=r.reused_tokens,
+                          tokens=r.tokens, ttft_ms=round(r.ttft_s * 1000, 1), finish_reason=r.finish_reason)
+        log_prompt(job.fields.get("request_id", ""), path, job.prompt, r.text, job.model_name)
 
 
-def _response_key(job: Job) -> tuple:
-    return (str(job._model.path), job.prompt, job.params, job.cache_key)
+def streaming_response(body: Iterator[str], run: Run, mimetype: str) -> Response:
+    """A streamed response that gives the model back when the server closes it, however far the
+    client read (a client that disconnects stops its generation at the next token)."""
+    response = Response(body, mimetype=mimetype, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.call_on_close(run.close)
+    return response
 
 
-def complete(host: ModelHost, job: Job) -> Generation:
-    """Run to the end and return the `Generation`."""
-    prepare(host, job)
-    for _ in run(host, job):
-        pass
-    return job.result
+def complete(host: ModelHost, job: Job) -> str:
+    """Run `job` to the end; returns the reply text (`job.result` has the rest)."""
+    run = Run(host, job)
+    try:
+        return "".join(run)
+    finally:
+        run.close()
+
+
+def _response_key(job: Job, model: LoadedModel) -> tuple:
+    return (str(model.path), job.prompt, job.params, job.cache_key)
 
 
 def stop_key(stop: Sequence[str] | None) -> tuple:

@@ -103,9 +103,29 @@ class Settings:
     response_cache_size: int = _setting(
         "RESPONSE_CACHE_SIZE", "Replies kept for deterministic requests (temperature 0 or a seed); an "
         "identical request is answered from memory. 0 turns it off.", 256, minimum=0)
+    max_queue: int = _setting(
+        "MAX_QUEUE", "Requests that may wait for the model while one generates; past that the engine "
+        "answers 503 with Retry-After at once.", 32, minimum=0)
+    request_timeout_s: int = _setting(
+        "REQUEST_TIMEOUT_S", "Deadline of a request in seconds, queue wait + generation; past it the "
+        "generation stops and the client gets a 504.", 120, minimum=1)
+    api_key: str = _setting(
+        "ENGINE_API_KEY", "If set, every route but /health and /openapi.json needs it "
+        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).", "", default_doc="empty (no key)")
+    cors_origins: str = _setting(
+        "CORS_ORIGINS", "Comma-separated browser origins allowed to call the engine (`*` for any, "
+        "empty for none).", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:5173,"
+        "http://127.0.0.1:5173", default_doc="the simulator's dev front ends: `http://localhost:3000`, "
+        "`http://localhost:5173` (and 127.0.0.1)")
+    max_body_bytes: int = _setting(
+        "MAX_BODY_BYTES", "Largest request body accepted; larger ones get 413.", 1 << 20, minimum=1024)
+    log_format: str = _setting("LOG_FORMAT", "Log format: `json` (one JSON object a line) or `text`.", "json")
+    log_prompts: str = _setting(
+        "ENGINE_LOG_PROMPTS", "Path of a rotating JSON-lines file where every prompt and reply is kept "
+        "for later review. Contains sensitive data; off when empty.", "", default_doc="empty (off)")
     server_threads: int = _setting(
-        "SERVER_THREADS", "HTTP worker threads (requests beyond one wait for the model in turn).",
-        8, minimum=1)
+        "SERVER_THREADS", "HTTP worker threads: requests being generated, queued or streamed at once "
+        "(keep it above MAX_QUEUE + 1 to let the queue fill).", 48, minimum=1)
     log_level: str = _setting("LOG_LEVEL", "Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
 
     def __post_init__(self) -> None:
@@ -122,6 +142,8 @@ class Settings:
         if self.kv_cache_type not in ("f16", "f32", "bf16") and not self.flash_attn:
             raise SettingsError(f"KV_CACHE_TYPE={self.kv_cache_type} needs FLASH_ATTN=on (llama.cpp "
                                 "quantizes the V cache only with flash attention)", field="KV_CACHE_TYPE")
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(f"LOG_FORMAT must be json or text, got {self.log_format!r}", field="LOG_FORMAT")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
                                 field="LOG_LEVEL")

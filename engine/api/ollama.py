@@ -12,12 +12,12 @@ import json
 import time
 from datetime import datetime, timezone
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from engine import __version__, gguf_info, service
 from engine.api import validation as v
 from engine.chat import validate_messages
-from engine.errors import BadRequest
+from engine.errors import BadRequest, EngineError
 from engine.generation import SamplingParams
 from engine.model_host import ModelHost
 
@@ -85,25 +85,32 @@ def _stats(job: service.Job, load_s: float) -> dict:
     }
 
 
-def _respond(job: service.Job, stream: bool, load_s: float, wrap) -> Response:
+def _respond(job: service.Job, stream: bool, load_s: float, wrap):
     """One JSON reply, or NDJSON: a line per token, then the final line with the statistics.
     `wrap(text)` shapes the text field of the surface (`response` or `message`)."""
     host = _host()
-    service.prepare(host, job)
     if not stream:
-        text = "".join(service.run(host, job))
+        text = service.complete(host, job)
         return jsonify({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": True,
                         **_stats(job, load_s)})
+    run = service.Run(host, job)
+
+    def line(obj: dict) -> str:
+        return json.dumps(obj, ensure_ascii=False) + "\n"
 
     def lines():
-        for piece in service.run(host, job):
-            if piece:
-                yield json.dumps({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(piece),
-                                  "done": False}, ensure_ascii=False) + "\n"
-        yield json.dumps({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
-                          **_stats(job, load_s)}, ensure_ascii=False) + "\n"
+        try:
+            for piece in run:
+                if piece:
+                    yield line({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(piece),
+                                "done": False})
+        except EngineError as exc:  # Ollama streams errors as an {"error": ...} line
+            yield line({"error": exc.message})
+            return
+        yield line({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
+                    **_stats(job, load_s)})
 
-    return Response(lines(), mimetype="application/x-ndjson")
+    return service.streaming_response(lines(), run, "application/x-ndjson")
 
 
 @bp.post("/generate")

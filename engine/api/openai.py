@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from engine import service
 from engine.api import validation as v
@@ -31,7 +31,8 @@ def _host() -> ModelHost:
 def openai_error(exc: EngineError):
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     code = "model_not_found" if exc.status == 404 else None
-    return jsonify(error={"message": exc.message, "type": kind, "param": exc.field, "code": code}), exc.status
+    return jsonify(error={"message": exc.message, "type": kind, "param": exc.field, "code": code}), exc.status, \
+        exc.headers
 
 
 @bp.get("/models")
@@ -77,17 +78,17 @@ def _finish(job: service.Job) -> str:
     return "length" if job.result.finish_reason == "length" else "stop"
 
 
-def _run(job: service.Job, stream: bool, include_usage: bool, obj: str, choice, chunk_choice) -> Response:
+def _run(job: service.Job, stream: bool, include_usage: bool, obj: str, choice, chunk_choice):
     """A whole `obj` reply, or SSE chunks: one per token, the finish chunk, usage if asked, [DONE]."""
     host = _host()
-    service.prepare(host, job)
     rid = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if not stream:
-        text = "".join(service.run(host, job))
+        text = service.complete(host, job)
         return jsonify(id=rid, object=obj, created=created, model=job.model_name,
                        choices=[choice(text, _finish(job))], usage=_usage(job))
     chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
+    run = service.Run(host, job)
 
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -97,15 +98,19 @@ def _run(job: service.Job, stream: bool, include_usage: bool, obj: str, choice, 
         first = chunk_choice(None, None, first=True)
         if first is not None:
             yield sse({**base, "choices": [first]})
-        for piece in service.run(host, job):
-            if piece:
-                yield sse({**base, "choices": [chunk_choice(piece, None)]})
+        try:
+            for piece in run:
+                if piece:
+                    yield sse({**base, "choices": [chunk_choice(piece, None)]})
+        except EngineError as exc:  # after the 200: an error object in the stream, as OpenAI does
+            yield sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
+            return
         yield sse({**base, "choices": [chunk_choice(None, _finish(job))]})
         if include_usage:
             yield sse({**base, "choices": [], "usage": _usage(job)})
         yield "data: [DONE]\n\n"
 
-    return Response(events(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return service.streaming_response(events(), run, "text/event-stream")
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:

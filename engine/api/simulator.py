@@ -10,11 +10,11 @@ import json
 import logging
 import time
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, current_app, jsonify
 
 from engine import service
 from engine.api import validation as v
-from engine.errors import ModelLoadError, ModelRefused
+from engine.errors import EngineError, ModelLoadError, ModelRefused
 from engine.generation import SamplingParams
 from engine.patient import reply_text
 
@@ -56,19 +56,22 @@ def generate():
     host = _host()
     job = service.Job(prompt=prompt, params=params, new_reply=lambda: reply_text(stop),
                       cache_key=("patient", *service.stop_key(stop)))
-    service.prepare(host, job)  # a prompt that does not fit is a 400 before any streaming starts
     if not stream:
-        for _ in service.run(host, job):
-            pass
+        service.complete(host, job)
         return jsonify(_reply_body(job))
 
+    run = service.Run(host, job)  # queue, timeout and prompt errors are plain 4xx/5xx, before the stream
+
     def events():
-        for piece in service.run(host, job):
-            yield _sse({"text": piece})
+        try:
+            for piece in run:
+                yield _sse({"text": piece})
+        except EngineError as exc:  # after the 200: the stream ends with an error event
+            yield _sse({"error": exc.message})
+            return
         yield _sse(_reply_body(job))
 
-    return Response(events(), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return service.streaming_response(events(), run, "text/event-stream")
 
 
 def _sse(obj: dict) -> str:
@@ -96,17 +99,6 @@ def _reply_body(job: service.Job) -> dict:
         metadata["warning"] = f"the model produced no reply text (finish_reason={result.finish_reason})"
         log.warning("empty reply: %d tokens generated, finish_reason=%s", result.tokens, result.finish_reason)
     return {"texto": result.text, "confianza": round(result.confidence, 4), "metadata": metadata}
-
-
-@bp.get("/health")
-def health():
-    """Liveness and which model is loaded."""
-    host = _host()
-    model = host.current
-    body = {"status": "ok", "model_loaded": model is not None, "model_path": str(host.model_dir)}
-    if model is not None:
-        body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx)
-    return jsonify(body)
 
 
 @bp.get("/models")

@@ -1,0 +1,29 @@
+"""Operations: /health (the simulator's fields plus readiness) and /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/health")
+def health():
+    """200 when a model is loaded and ready; 503 while one loads or reloads (or none is loaded).
+    The simulator's fields (`status`, `model_loaded`, `model_path`) are always there."""
+    host = current_app.extensions["model_host"]
+    model = host.current
+    body = {"status": "ok" if host.ready else "loading", "model_loaded": model is not None,
+            "model_path": str(host.model_dir), "ready": host.ready,
+            "queue_depth": host.admission.depth, "busy": host.admission.busy}
+    if model is not None:
+        body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx,
+                    gpu_layers=host.settings.n_gpu_layers)
+    return jsonify(body), 200 if host.ready else 503
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus exposition of the engine's metrics."""
+    host = current_app.extensions["model_host"]
+    return Response(host.metrics.exposition(), mimetype="text/plain; version=0.0.4; charset=utf-8")
