@@ -62,6 +62,10 @@ class _SafetensorsFile:
         except (OSError, ValueError, struct.error) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
         header.pop("__metadata__", None)
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if path.stat().st_size < 8 + n + end:
+            raise CheckpointError(f"{path} is truncated ({path.stat().st_size} bytes, its header "
+                                  f"describes {8 + n + end}); download it again")
         return cls(path, 8 + n, header)
 
     def mm(self) -> mmap.mmap:
@@ -72,7 +76,10 @@ class _SafetensorsFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass  # an array still views the map (an exception is unwinding); GC unmaps it later
             self._mm = None
 
 

@@ -121,6 +121,8 @@ def convert(source: SourceInfo, out: Path, outtype: str = "f16", *, name: str | 
                     w.write_tensor_data(_StreamedTensor(t, qtype))
                     t.release()
                     log.debug("[%d/%d] %s %s %s", i, len(plan), t.name, list(t.shape), qtype.name)
+            except OSError as exc:  # disk full, permissions, a vanished mount
+                raise ConvertError(f"writing {out} failed: {exc}") from None
             finally:
                 w.close()
     manifest = write_sidecars(out, {

@@ -212,3 +212,76 @@ def build(kind: Kind, folder: Path, work: Path) -> Path:
     model = model.to(getattr(torch, kind.dtype))
     model.save_pretrained(folder, max_shard_size="300KB" if kind.shard else "5GB")
     return folder
+
+
+# --- checkpoints written with numpy alone (no transformers), for error and safety tests ---------
+
+
+def write_safetensors(path: Path, tensors: dict[str, Any], dtype: str = "F32") -> None:
+    """A minimal safetensors writer: 8-byte header length, JSON header, raw little-endian data."""
+    import numpy as np
+
+    np_dtype = {"F32": np.float32, "F16": np.float16}[dtype]
+    header: dict[str, Any] = {}
+    offset = 0
+    blobs = []
+    for name, array in tensors.items():
+        data = np.ascontiguousarray(array, dtype=np_dtype).tobytes()
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for blob in blobs:
+            f.write(blob)
+
+
+def numpy_llama(folder: Path, *, vocab_rows: int = 700, hidden: int = 64, layers: int = 2,
+                shards: int = 1, seed: int = 0) -> Path:
+    """A random LlamaForCausalLM checkpoint plus a trained SentencePiece tokenizer."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = _train_sentencepiece(folder, dummy_prefix=True, gemma_ids=False)
+    model.rename(folder / "tokenizer.model")
+    for extra in folder.glob("sp.*"):
+        extra.unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "bos_token": "<s>",
+        "eos_token": "</s>", "unk_token": "<unk>"}), encoding="utf-8")
+    heads, ff = 4, 2 * hidden
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "num_key_value_heads": heads, "vocab_size": vocab_rows, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 512, "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": 2}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    rng = np.random.default_rng(seed)
+    tensors = {"model.embed_tokens.weight": rng.standard_normal((vocab_rows, hidden), dtype=np.float32),
+               "model.norm.weight": np.ones(hidden, np.float32),
+               "lm_head.weight": rng.standard_normal((vocab_rows, hidden), dtype=np.float32)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, shape in [("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                            ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                            ("mlp.gate_proj", (ff, hidden)), ("mlp.up_proj", (ff, hidden)),
+                            ("mlp.down_proj", (hidden, ff))]:
+            tensors[p + name + ".weight"] = rng.standard_normal(shape, dtype=np.float32) * 0.1
+        tensors[p + "input_layernorm.weight"] = np.ones(hidden, np.float32)
+        tensors[p + "post_attention_layernorm.weight"] = np.ones(hidden, np.float32)
+    names = list(tensors)
+    if shards == 1:
+        write_safetensors(folder / "model.safetensors", tensors)
+        return folder
+    weight_map = {}
+    for k in range(shards):
+        part = {n: tensors[n] for n in names[k::shards]}
+        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        write_safetensors(folder / file, part)
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}), encoding="utf-8")
+    return folder

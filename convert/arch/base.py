@@ -72,6 +72,12 @@ class OutTensor:
             self.source.release()
 
 
+def _tensor_order(t: OutTensor) -> tuple[int, int, str]:
+    if t.name.startswith("blk."):
+        return 1, int(t.name.split(".")[1]), t.name
+    return (2, 0, t.name) if t.name.startswith("output") else (0, 0, t.name)
+
+
 _REGISTRY: dict[str, type["Architecture"]] = {}
 
 
@@ -252,7 +258,9 @@ class Architecture:
         self._check_blocks(per_block)
         self._check_embeddings(out)
         out.extend(self.extra_tensors())
-        return out
+        # A fixed order (embeddings, blocks in order, head) makes the file independent of how the
+        # checkpoint was sharded.
+        return sorted(out, key=_tensor_order)
 
     def _check_blocks(self, per_block: dict[int, set[str]]) -> None:
         if sorted(per_block) != list(range(self.n_layers)):
