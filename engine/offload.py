@@ -22,6 +22,7 @@ here follows (src/llama-model.cpp, `load_tensors`):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -31,7 +32,6 @@ import platform
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,7 @@ _SCALAR_FORMATS = {
 _MAX_KEPT_ARRAY = 4096  # per-layer arrays are kept; vocabularies (262k strings) are skipped
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GgufLayout:
     """What the planner needs from a GGUF file: metadata (small values) and tensor sizes."""
 
@@ -113,7 +113,7 @@ def read_gguf_layout(path: Path) -> GgufLayout:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             return _parse_layout(mm)
-    except (struct.error, ValueError, KeyError, OSError) as exc:
+    except (struct.error, ValueError, KeyError, OverflowError, OSError) as exc:
         raise ModelRefused(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
 
 
@@ -173,7 +173,7 @@ def _read_value(buf: mmap.mmap, off: int, vtype: gguf.GGUFValueType) -> tuple[An
 
 # -- the model's shape ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelShape:
     """Per-layer sizes and attention shape of a model, as llama.cpp will lay it out."""
 
@@ -269,7 +269,7 @@ def _swa_layers(arch: str, n_layer: int, n_swa: int, pattern: Any) -> tuple[bool
 
 # -- the plan -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class OffloadPlan:
     """Where a model's layers go and what that costs, in bytes."""
 
@@ -296,22 +296,41 @@ class OffloadPlan:
         return self.gpu_bytes == 0 or self.gpu_bytes + self.margin_bytes <= self.free_vram_bytes
 
     def describe(self) -> str:
-        """One line for the start-up log."""
-        line = (f"GPU offload ({self.requested}): {self.gpu_layers}/{self.total_layers} layers of "
-                f"{self.model} on GPU, n_ctx {self.n_ctx}; GPU {fmt_bytes(self.gpu_bytes)} (weights "
-                f"{fmt_bytes(self.gpu_weights_bytes)}, KV {fmt_bytes(self.gpu_kv_bytes)}, compute "
-                f"{fmt_bytes(self.gpu_compute_bytes)}) of {fmt_bytes(self.free_vram_bytes)} free "
-                f"(margin {fmt_bytes(self.margin_bytes)}); RAM {fmt_bytes(self.ram_bytes)}; "
-                f"KV cache {fmt_bytes(self.kv_bytes)}")
+        """One line for the start-up log: layers on the GPU, bytes on the GPU and in RAM, and why."""
+        head = (f"N_GPU_LAYERS={self.requested}: {self.gpu_layers}/{self.total_layers} layers of "
+                f"{self.model} on GPU (n_ctx {self.n_ctx})")
+        vram = f"{fmt_bytes(self.free_vram_bytes)} VRAM free, margin {fmt_bytes(self.margin_bytes)}"
+        if self.gpu_layers == 0:
+            gpu = f"GPU 0 MiB of {vram}"
+        else:
+            gpu = (f"GPU {fmt_bytes(self.gpu_bytes)} (weights {fmt_bytes(self.gpu_weights_bytes)}, "
+                   f"KV {fmt_bytes(self.gpu_kv_bytes)}, compute {fmt_bytes(self.gpu_compute_bytes)}) of {vram}")
+        ram = (f"RAM {fmt_bytes(self.ram_bytes)} (weights {fmt_bytes(self.ram_weights_bytes)}, "
+               f"KV {fmt_bytes(self.ram_kv_bytes)}, compute {fmt_bytes(self.ram_compute_bytes)})")
+        line = f"{head}; {gpu}; {ram}"
         return f"{line}; {self.reason}" if self.reason else line
+
+    @property
+    def ram_weights_bytes(self) -> int:
+        return self.ram_bytes - self.ram_kv_bytes - self.ram_compute_bytes
+
+    @property
+    def ram_kv_bytes(self) -> int:
+        return self.kv_bytes - self.gpu_kv_bytes
+
+    @property
+    def ram_compute_bytes(self) -> int:
+        return self.compute_bytes - self.gpu_compute_bytes
 
 
 def fmt_bytes(n: float) -> str:
-    """Bytes in MiB below 1 GiB, else in GiB."""
-    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.0f} MiB"
+    """Bytes in GiB, MiB or (below 1 MiB, for small test models) KiB."""
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB" if abs(n) >= MiB or n == 0 else f"{n / 1024:.0f} KiB"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Costs:
     gpu_weights: int
     gpu_kv: int
@@ -396,9 +415,10 @@ def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes:
     def costs(k: int) -> _Costs:
         return _costs(shape, k, kv, _pad(n_ctx), n_ubatch, flash_attn)
 
-    requested = str(n_gpu_layers_requested).strip().lower()
+    wanted = parse_gpu_layers(n_gpu_layers_requested)
+    requested = str(wanted)
     budget = free_vram_bytes - margin_bytes
-    if requested == "auto":
+    if wanted == "auto":
         # GPU cost grows with every layer, so the first count that does not fit ends the search.
         k = 0
         while k < total and costs(k + 1).gpu <= budget:
@@ -411,9 +431,8 @@ def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes:
         else:
             reason = f"{k + 1} layers would need {fmt_bytes(costs(k + 1).gpu)}"
     else:
-        value = int(requested)
-        k = total if value < 0 else min(value, total)
-        reason = "requested"
+        k = total if int(wanted) < 0 else min(int(wanted), total)
+        reason = ""
     chosen = costs(k)
     plan = OffloadPlan(
         model=path.name, gpu_layers=k, total_layers=total, n_ctx=n_ctx, gpu_bytes=chosen.gpu,
@@ -421,15 +440,208 @@ def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes:
         compute_bytes=chosen.gpu_compute + chosen.ram_compute, gpu_weights_bytes=chosen.gpu_weights,
         gpu_kv_bytes=chosen.gpu_kv, gpu_compute_bytes=chosen.gpu_compute,
         free_vram_bytes=free_vram_bytes, margin_bytes=margin_bytes, requested=requested, reason=reason)
-    if requested != "auto" and k > 0 and not plan.fits:
-        plan = _with_reason(plan, f"does not fit the free VRAM: loading may fail with out of memory "
-                                  "(N_GPU_LAYERS=auto picks a count that fits)")
+    if wanted != "auto" and not plan.fits:
+        plan = dataclasses.replace(plan, reason="does not fit the free VRAM: loading may fail with out "
+                                               "of memory (N_GPU_LAYERS=auto picks a count that fits)")
     return plan
-
-
-def _with_reason(plan: OffloadPlan, reason: str) -> OffloadPlan:
-    return OffloadPlan(**{**plan.__dict__, "reason": reason})
 
 
 def _pad(n: int) -> int:
     return -(-n // _KV_PAD) * _KV_PAD
+
+
+# -- what the machine has -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GpuInfo:
+    """One NVIDIA GPU as NVML or nvidia-smi reports it."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+    uuid: str = ""
+
+
+def query_free_vram() -> list[GpuInfo]:
+    """The NVIDIA GPUs this process may use, with their free memory; [] when there are none.
+
+    NVML (the `nvidia-ml-py` package) first, then `nvidia-smi`; either may be missing on a
+    machine without the driver. Both list every GPU, so CUDA_VISIBLE_DEVICES is applied here.
+    """
+    gpus = _query_nvml()
+    if gpus is None:
+        gpus = _query_nvidia_smi()
+    return _visible(gpus or [], os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def _query_nvml() -> list[GpuInfo] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:  # no driver, no library: nothing to ask
+        log.debug("NVML unavailable: %s", exc)
+        return None
+    try:
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append(GpuInfo(index=i, name=_text(pynvml.nvmlDeviceGetName(handle)),
+                                total_bytes=int(memory.total), free_bytes=int(memory.free),
+                                uuid=_text(pynvml.nvmlDeviceGetUUID(handle))))
+        return gpus
+    except pynvml.NVMLError as exc:
+        log.warning("NVML could not list the GPUs: %s", exc)
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value  # older bindings return bytes
+
+
+_SMI_QUERY = "--query-gpu=index,name,memory.total,memory.free,uuid"
+
+
+def _query_nvidia_smi() -> list[GpuInfo]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        done = subprocess.run([exe, _SMI_QUERY, "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("nvidia-smi failed: %s", exc)
+        return []
+    if done.returncode != 0:  # e.g. "NVIDIA-SMI has failed because it couldn't communicate with the driver"
+        log.debug("nvidia-smi exited %d: %s", done.returncode, done.stderr.strip() or done.stdout.strip())
+        return []
+    return parse_nvidia_smi(done.stdout)
+
+
+def parse_nvidia_smi(text: str) -> list[GpuInfo]:
+    """Parse `nvidia-smi --query-gpu=index,name,memory.total,memory.free[,uuid]` CSV (MiB, no units)."""
+    gpus = []
+    for row in csv.reader(io.StringIO(text), skipinitialspace=True):
+        if len(row) < 4:
+            continue
+        try:
+            gpus.append(GpuInfo(index=int(row[0]), name=row[1].strip(), total_bytes=int(float(row[2])) * MiB,
+                                free_bytes=int(float(row[3])) * MiB,
+                                uuid=row[4].strip() if len(row) > 4 else ""))
+        except ValueError:  # "[N/A]" on some virtual GPUs
+            continue
+    return gpus
+
+
+def _visible(gpus: list[GpuInfo], cuda_visible: str | None) -> list[GpuInfo]:
+    """Apply CUDA_VISIBLE_DEVICES (indices or GPU-UUID prefixes; CUDA stops at the first bad one).
+
+    Indices are matched against NVML's (PCI bus) order, which is CUDA's order when
+    CUDA_DEVICE_ORDER=PCI_BUS_ID; only the sum of free memory is used, so a mismatch on a machine
+    with mixed GPUs misjudges at most which GPU's memory counts.
+    """
+    if cuda_visible is None:
+        return gpus
+    chosen: list[GpuInfo] = []
+    for token in (t.strip() for t in cuda_visible.split(",")):
+        if token.lstrip("-").isdigit():
+            match = [g for g in gpus if g.index == int(token)]
+        elif token.startswith("GPU-"):
+            match = [g for g in gpus if g.uuid and g.uuid.startswith(token)]
+        elif token.startswith("MIG-"):
+            return gpus  # MIG instances: their memory is not what the GPU reports; keep it simple
+        else:
+            match = []
+        if not match:
+            break
+        chosen.extend(g for g in match if g not in chosen)
+    return chosen
+
+
+def gpu_offload_supported() -> bool:
+    """Whether the installed llama-cpp-python was built with a GPU backend (CUDA, Metal, ...)."""
+    try:
+        import llama_cpp
+    except Exception as exc:  # a broken build must not stop `doctor` from reporting it
+        log.debug("llama_cpp not importable: %s", exc)
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+# -- the N_GPU_LAYERS rules -------------------------------------------------------------------------
+
+def parse_gpu_layers(setting: str | int) -> str | int:
+    """N_GPU_LAYERS as given: "auto", -1 (all), 0 (CPU) or a layer count."""
+    text = str(setting).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < -1:
+        raise SettingsError(f"N_GPU_LAYERS must be auto, -1 (all layers), 0 (CPU only) or a number of "
+                            f"layers, got {setting!r}", field="N_GPU_LAYERS")
+    return value
+
+
+def resolve_gpu_layers(setting: str | int, model_path: str | os.PathLike[str], n_ctx: int, *,
+                       n_batch: int = 512, kv_cache_type: str = "f16", flash_attn: bool = False,
+                       swa_full: bool = True, margin_bytes: int = DEFAULT_MARGIN_BYTES,
+                       gpus: list[GpuInfo] | None = None,
+                       offload_supported: bool | None = None) -> tuple[int, OffloadPlan | None, str]:
+    """The n_gpu_layers to pass to llama.cpp for N_GPU_LAYERS=`setting`, the plan, and a log line.
+
+    - `auto`: plan against the free VRAM on a GPU build with a visible NVIDIA GPU, else 0.
+    - `0`: 0 (CPU only).
+    - a count or -1: used as given (the plan says whether it fits); on a build without GPU
+      offload or with no GPU visible, `GpuUnavailableError` with the fix.
+
+    `gpus` and `offload_supported` default to `query_free_vram()` and `gpu_offload_supported()`.
+    The caller logs the returned line.
+    """
+    wanted = parse_gpu_layers(setting)
+    if wanted == 0:
+        return 0, None, "N_GPU_LAYERS=0: running on CPU"
+    supported = gpu_offload_supported() if offload_supported is None else offload_supported
+    if not supported:
+        if wanted == "auto":
+            return 0, None, ("N_GPU_LAYERS=auto: this llama-cpp-python build has no GPU offload, running on "
+                             f"CPU (for a CUDA build: {CUDA_BUILD_FIX})")
+        raise GpuUnavailableError(
+            f"N_GPU_LAYERS={wanted} asks for GPU offload, but this llama-cpp-python build is CPU-only. "
+            f"Rebuild it with CUDA: {CUDA_BUILD_FIX} (or set N_GPU_LAYERS=0 or auto to run on CPU)",
+            field="N_GPU_LAYERS")
+    if platform.system() == "Darwin":
+        # Metal shares the system memory: there is no separate VRAM to plan against.
+        return (-1 if wanted == "auto" else int(wanted)), None, f"N_GPU_LAYERS={wanted}: Metal build, offloading"
+    gpus = query_free_vram() if gpus is None else gpus
+    if not gpus:
+        if wanted == "auto":
+            return 0, None, "N_GPU_LAYERS=auto: no NVIDIA GPU visible (NVML and nvidia-smi found none), running on CPU"
+        raise GpuUnavailableError(
+            f"N_GPU_LAYERS={wanted} asks for GPU offload, but no NVIDIA GPU is visible (NVML and nvidia-smi "
+            "found none; in Docker, run with --gpus all or the compose file's GPU reservation, and check "
+            "CUDA_VISIBLE_DEVICES). Set N_GPU_LAYERS=0 or auto to run on CPU", field="N_GPU_LAYERS")
+    # llama.cpp splits layers across GPUs by free memory; each GPU keeps its own margin.
+    free = sum(g.free_bytes for g in gpus)
+    try:
+        plan = plan_offload(model_path, n_ctx, free, n_gpu_layers_requested=wanted,
+                            kv_type_bytes=KV_TYPE_BYTES.get(kv_cache_type, 2.0),
+                            margin_bytes=margin_bytes * len(gpus), n_batch=n_batch,
+                            flash_attn=flash_attn, swa_full=swa_full)
+    except ModelRefused as exc:
+        if wanted == "auto":  # llama.cpp will say what is wrong with the file when it loads it
+            return 0, None, f"N_GPU_LAYERS=auto: cannot plan the offload ({exc.message}), running on CPU"
+        return int(wanted), None, f"N_GPU_LAYERS={wanted} (no plan: {exc.message})"
+    layers = plan.gpu_layers if wanted == "auto" else int(wanted)
+    return layers, plan, plan.describe()
