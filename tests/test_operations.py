@@ -1,0 +1,215 @@
+"""Operations over real HTTP: queue limits, deadlines, disconnects, readiness, metrics, API key,
+CORS, body limit, logs."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import pytest
+import requests
+
+from engine.patient import render_case_prompt
+from tests.conftest import DEFAULT_MODEL, _server_fixture
+
+KEY = "s3cret-key"
+LONG = {"prompt": "Estudiante: Contame tu historia completa.\nPaciente:", "max_length": 1500, "stop": [],
+        "temperature": 0.8, "repeat_penalty": 1.0}
+
+
+@pytest.fixture(scope="module")
+def secured(model_dir, tmp_path_factory):
+    yield from _server_fixture(model_dir, tmp_path_factory, ENGINE_API_KEY=KEY)
+
+
+@pytest.fixture(scope="module")
+def limited(model_dir, tmp_path_factory):
+    yield from _server_fixture(model_dir, tmp_path_factory, MAX_QUEUE="1", REQUEST_TIMEOUT_S="8",
+                               MAX_BODY_BYTES="8192", RESPONSE_CACHE_SIZE="0")
+
+
+@pytest.fixture(scope="module")
+def history(model_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("history") / "prompts.jsonl"
+    for srv in _server_fixture(model_dir, tmp_path_factory, ENGINE_LOG_PROMPTS=str(path)):
+        yield srv, path
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def healthy(server) -> bool:
+    return requests.get(server.url + "/health", timeout=10).status_code == 200
+
+
+# -- access control ------------------------------------------------------------------------------
+
+def test_api_key_required_except_health(secured):
+    body = {"prompt": "Estudiante: Hola.\nPaciente:", "max_length": 3}
+    r = requests.post(secured.url + "/generate", json=body, timeout=30)
+    assert r.status_code == 401 and "API key" in r.json()["error"] and "Bearer" in r.headers["WWW-Authenticate"]
+    assert requests.post(secured.url + "/generate", json=body, headers={"Authorization": "Bearer wrong"},
+                         timeout=30).status_code == 401
+    assert requests.post(secured.url + "/generate", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=30).status_code == 200
+    assert requests.post(secured.url + "/generate", json=body, headers={"X-API-Key": KEY}, timeout=30).status_code == 200
+    assert requests.get(secured.url + "/health", timeout=10).status_code == 200
+    for path in ("/models", "/metrics", "/api/tags", "/v1/models"):
+        assert requests.get(secured.url + path, timeout=10).status_code == 401, path
+    r = requests.get(secured.url + "/v1/models", timeout=10)
+    assert r.json()["error"]["type"] == "invalid_request_error"  # the OpenAI surface's error shape
+
+
+def test_cors(server):
+    allowed = requests.options(server.url + "/generate", timeout=10, headers={
+        "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "Content-Type"})
+    assert allowed.status_code == 204
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "Content-Type" in allowed.headers["Access-Control-Allow-Headers"]
+    other = requests.options(server.url + "/generate", timeout=10, headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    r = requests.get(server.url + "/health", headers={"Origin": "http://localhost:5173"}, timeout=10)
+    assert r.headers["Access-Control-Allow-Origin"] == "http://localhost:5173"
+
+
+def test_body_too_large_is_413(limited):
+    r = requests.post(limited.url + "/generate", json={"prompt": "x" * 10000}, timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+    assert healthy(limited)
+
+
+# -- load limits -------------------------------------------------------------------------------
+
+def test_full_queue_is_503_with_retry_after(limited):
+    """MAX_QUEUE=1: one generating, one waiting, the third is refused at once."""
+    results: dict[str, requests.Response] = {}
+
+    def call(name, body):
+        results[name] = requests.post(limited.url + "/generate", json=body, timeout=60)
+
+    body = {**LONG, "max_length": 50}
+    first = threading.Thread(target=call, args=("first", body))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not requests.get(limited.url + "/health", timeout=5).json()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    second = threading.Thread(target=call, args=("second", body))
+    second.start()
+    while requests.get(limited.url + "/health", timeout=5).json()["queue_depth"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rejected_before = metric(limited, "ai_engine_queue_rejections_total")
+    started = time.monotonic()
+    r = requests.post(limited.url + "/generate", json=body, timeout=60)
+    assert r.status_code == 503 and time.monotonic() - started < 1.0
+    assert int(r.headers["Retry-After"]) >= 1 and "MAX_QUEUE" in r.json()["error"]
+    r = requests.post(limited.url + "/v1/completions", json={"model": DEFAULT_MODEL, "prompt": "x"}, timeout=60)
+    assert r.status_code == 503 and r.headers["Retry-After"] and r.json()["error"]["message"]
+    first.join()
+    second.join()
+    assert results["first"].status_code == 200 and results["second"].status_code == 200
+    assert metric(limited, "ai_engine_queue_rejections_total") == rejected_before + 2
+
+
+def test_deadline_stops_generation_with_504(limited):
+    started = time.monotonic()
+    r = requests.post(limited.url + "/generate", json=LONG, timeout=60)
+    assert r.status_code == 504 and "REQUEST_TIMEOUT_S" in r.json()["error"]
+    assert time.monotonic() - started < 11
+    assert healthy(limited)
+    assert requests.post(limited.url + "/generate", json={"prompt": "Estudiante: Hola.\nPaciente:", "max_length": 5},
+                         timeout=30).status_code == 200
+
+
+def test_streaming_disconnect_stops_generation(limited):
+    short = {"prompt": render_case_prompt_like(), "max_length": 20, "temperature": 0}
+    baseline = requests.post(limited.url + "/generate", json=short, timeout=30).json()["metadata"]["ttft_ms"]
+    with requests.post(limited.url + "/generate", json={**LONG, "stream": True}, stream=True, timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(5):
+            next(lines)
+    # The connection is closed: generation must stop within about one token step.
+    time.sleep(0.5)
+    counted = metric(limited, "ai_engine_generated_tokens_total")
+    time.sleep(1.0)
+    assert metric(limited, "ai_engine_generated_tokens_total") == counted
+    after = requests.post(limited.url + "/generate", json={**short, "prompt": short["prompt"] + " "}, timeout=30)
+    assert after.status_code == 200
+    assert after.json()["metadata"]["ttft_ms"] < baseline * 3 + 300
+
+
+def render_case_prompt_like() -> str:
+    from tests.conftest import load_cases
+
+    return render_case_prompt(load_cases()[1])
+
+
+# -- readiness and metrics -----------------------------------------------------------------------
+
+def test_health_is_503_during_a_model_swap(server):
+    seen: list[int] = []
+    swap = threading.Thread(target=lambda: requests.post(
+        server.url + "/load-model", json={"model_name": "persona/alt-model.gguf"}, timeout=60))
+    swap.start()
+    while swap.is_alive():
+        r = requests.get(server.url + "/health", timeout=10)
+        seen.append(r.status_code)
+        if r.status_code == 503:
+            body = r.json()
+            assert body["status"] == "loading" and body["model_loaded"] is True and "model_path" in body
+    swap.join()
+    assert 503 in seen
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    back = requests.post(server.url + "/load-model", json={"model_name": DEFAULT_MODEL}, timeout=60)
+    assert back.status_code == 200
+
+
+def test_metrics_move_as_requests_are_served(server):
+    before = {name: metric(server, name, labels) for name, labels in [
+        ("ai_engine_requests_total", '{endpoint="/generate",status="200"}'),
+        ("ai_engine_generated_tokens_total", ""), ("ai_engine_prompt_tokens_total", ""),
+        ("ai_engine_time_to_first_token_seconds_count", ""), ("ai_engine_requests_total", '{endpoint="/generate",status="400"}')]}
+    ok = requests.post(server.url + "/generate", json={"prompt": "Estudiante: ¿Cómo va todo?\nPaciente:",
+                                                       "max_length": 8, "temperature": 0.9}, timeout=30).json()
+    requests.post(server.url + "/generate", json={"prompt": ""}, timeout=30)
+    assert metric(server, "ai_engine_requests_total", '{endpoint="/generate",status="200"}') == \
+        before["ai_engine_requests_total"] + 1
+    assert metric(server, "ai_engine_requests_total", '{endpoint="/generate",status="400"}') >= 1
+    assert metric(server, "ai_engine_generated_tokens_total") >= before["ai_engine_generated_tokens_total"] + ok["metadata"]["tokens"]
+    assert metric(server, "ai_engine_prompt_tokens_total") == before["ai_engine_prompt_tokens_total"] + ok["metadata"]["prompt_tokens"]
+    assert metric(server, "ai_engine_time_to_first_token_seconds_count") == before["ai_engine_time_to_first_token_seconds_count"] + 1
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    assert f'ai_engine_model_info{{gpu_layers="0",name="{DEFAULT_MODEL}",quantization="Q4_K_M"}} 1.0' in text
+    assert "process_resident_memory_bytes" in text and "ai_engine_queue_depth" in text
+
+
+# -- logs ------------------------------------------------------------------------------------------
+
+def test_default_logs_have_no_prompt_text(server):
+    marker = "MARCADOR-PRIVADO-7731"
+    r = requests.post(server.url + "/generate", json={"prompt": f"Estudiante: {marker}\nPaciente:", "max_length": 5},
+                      timeout=30, headers={"X-Request-ID": "trace-me-1"})
+    assert r.headers["X-Request-ID"] == "trace-me-1"
+    time.sleep(0.2)
+    log = server.log()
+    assert marker not in log and r.json()["texto"] not in log.replace('"texto"', "") or not r.json()["texto"]
+    access = [json.loads(line) for line in log.splitlines() if '"trace-me-1"' in line]
+    assert access and access[0]["status"] == 200 and access[0]["tokens"] == r.json()["metadata"]["tokens"]
+    assert access[0]["duration_ms"] > 0 and access[0]["prompt_tokens"] > 0
+
+
+def test_prompt_history_is_opt_in(history):
+    server, path = history
+    marker = "MARCADOR-HISTORIA-4410"
+    r = requests.post(server.url + "/generate", json={"prompt": f"Estudiante: {marker}\nPaciente:", "max_length": 5},
+                      timeout=30)
+    time.sleep(0.2)
+    entries = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert any(marker in e["prompt"] and e["reply"] == r.json()["texto"] for e in entries)
+    assert marker not in server.log()
