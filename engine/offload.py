@@ -52,6 +52,9 @@ DEFAULT_MARGIN_BYTES = 1 * GiB
 # llama.cpp pads the context (and so the KV cache) to a multiple of 256 cells.
 _KV_PAD = 256
 
+# Older gguf packages lack this constant; files written by newer converters may still carry the key.
+_SWA_PATTERN_KEY = getattr(gguf.Keys.Attention, "SLIDING_WINDOW_PATTERN", "{arch}.attention.sliding_window_pattern")
+
 # Layers whose attention is a sliding window, for architectures where llama.cpp hard-codes the
 # pattern (a GGUF may override it with `{arch}.attention.sliding_window_pattern`). With pattern
 # n, layer i is a sliding-window layer unless i % n == n - 1 (llama_hparams::set_swa_pattern).
@@ -231,7 +234,7 @@ class ModelShape:
             arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=head_max, n_ff=n_ff, n_vocab=n_vocab,
             layer_bytes=tuple(layer_bytes),
             kv_per_cell=tuple(h * (n_embd_k + n_embd_v) for h in n_head_kv),
-            swa_layers=_swa_layers(arch, n_layer, n_swa, key(gguf.Keys.Attention.SLIDING_WINDOW_PATTERN)),
+            swa_layers=_swa_layers(arch, n_layer, n_swa, key(_SWA_PATTERN_KEY)),
             n_swa=n_swa, output_bytes=output_bytes + copy_bytes, output_copy_bytes=copy_bytes,
             weights_bytes=sum(nbytes for _shape, nbytes in tensors.values()))
 
