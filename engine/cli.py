@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Converter commands (convert, quantize, verify) live in the convert package; each sets
     # `func`, called with the parsed args and returning an exit status.
     from convert.cli import add_commands
+    from engine.doctor import add_command as add_doctor
 
     add_commands(sub)
+    add_doctor(sub)
     return parser
 
 

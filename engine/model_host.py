@@ -23,6 +23,7 @@ from engine.admission import Admission, QueueFull, RequestTimeout
 from engine.generation import LlamaSession
 from engine.gguf_info import quantization_name
 from engine.metrics import Metrics
+from engine.offload import resolve_gpu_layers
 from engine.prompt_cache import ConversationCache, ResponseCache
 from engine.settings import KV_CACHE_TYPES, Settings
 
@@ -40,6 +41,7 @@ class LoadedModel:
     path: Path
     name: str
     load_seconds: float
+    gpu_layers: int = 0  # layers llama.cpp was asked to offload (-1: all)
 
     @property
     def n_ctx(self) -> int:
@@ -172,7 +174,7 @@ class ModelHost:
         if old is not None:
             old.close()
         self.responses.clear()
-        self.metrics.set_model(new.name, quantization_name(_file_type(new)), self.settings.n_gpu_layers,
+        self.metrics.set_model(new.name, quantization_name(_file_type(new)), new.gpu_layers,
                                new.load_seconds)
         return new
 
@@ -180,12 +182,16 @@ class ModelHost:
         import llama_cpp  # deferred: loading the shared library is slow and not needed by every command
 
         s = self.settings
+        # An explicit N_GPU_LAYERS without a usable GPU is a settings error (not a load error).
+        n_gpu, _plan, message = resolve_gpu_layers(s.n_gpu_layers, path, s.n_ctx, n_batch=s.n_batch,
+                                                   kv_cache_type=s.kv_cache_type, flash_attn=s.flash_attn)
+        log.info("%s", message)
         started = time.perf_counter()
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=s.n_ctx, n_batch=min(s.n_batch, s.n_ctx),
                 n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                n_gpu_layers=s.n_gpu_layers, flash_attn=s.flash_attn,
+                n_gpu_layers=n_gpu, flash_attn=s.flash_attn,
                 type_k=KV_CACHE_TYPES[s.kv_cache_type], type_v=KV_CACHE_TYPES[s.kv_cache_type],
                 # A full-size sliding-window cache lets the conversation cache drop a suffix.
                 swa_full=True, verbose=False)
@@ -196,10 +202,10 @@ class ModelHost:
                 "not a model GGUF, or of an architecture this llama.cpp build does not support") from exc
         seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s (n_ctx=%d, threads=%d, gpu_layers=%d)",
-                 path.name, seconds, llm.n_ctx(), s.n_threads, s.n_gpu_layers)
+                 path.name, seconds, llm.n_ctx(), s.n_threads, n_gpu)
         session = LlamaSession(llm, ConversationCache(s.cache_ram_mb << 20))
         return LoadedModel(llm=llm, session=session, path=path, name=self.display_name(path),
-                           load_seconds=seconds)
+                           load_seconds=seconds, gpu_layers=n_gpu)
 
     def display_name(self, path: Path) -> str:
         """A model's name in responses: its path relative to MODEL_PATH, else its file name."""

@@ -87,9 +87,10 @@ class Settings:
         default_doc="physical cores", minimum=1)
     n_batch: int = _setting(
         "N_BATCH", "Prompt tokens evaluated per llama.cpp decode call.", 512, minimum=1)
-    n_gpu_layers: int = _setting(
-        "N_GPU_LAYERS", "Layers to offload to a CUDA GPU: 0 (CPU only), N, or -1 for all.",
-        0, minimum=-1)
+    n_gpu_layers: str = _setting(
+        "N_GPU_LAYERS", "Layers to offload to a CUDA GPU: `auto` (as many as fit the free VRAM; CPU when the "
+        "build or machine has no GPU), 0 (CPU only), N, or -1 for all. N or -1 without a GPU is an error.",
+        "auto")
     flash_attn: bool = _setting(
         "FLASH_ATTN", "Use flash attention (on/off). Needed for a quantized KV cache.", False,
         default_doc="`off`")
@@ -142,6 +143,9 @@ class Settings:
         if self.kv_cache_type not in ("f16", "f32", "bf16") and not self.flash_attn:
             raise SettingsError(f"KV_CACHE_TYPE={self.kv_cache_type} needs FLASH_ATTN=on (llama.cpp "
                                 "quantizes the V cache only with flash attention)", field="KV_CACHE_TYPE")
+        from engine.offload import parse_gpu_layers  # numpy-heavy: only when settings are built
+
+        parse_gpu_layers(self.n_gpu_layers)
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT must be json or text, got {self.log_format!r}", field="LOG_FORMAT")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

@@ -14,7 +14,7 @@ from engine.settings import REPO_ROOT, Settings, physical_cores
 def test_defaults():
     s = Settings.load(env={})
     assert s.model_path == REPO_ROOT / "models"
-    assert (s.api_host, s.api_port, s.model, s.n_gpu_layers) == ("127.0.0.1", 5000, "", 0)
+    assert (s.api_host, s.api_port, s.model, s.n_gpu_layers) == ("127.0.0.1", 5000, "", "auto")
     assert s.n_threads == physical_cores() >= 1
     assert s.n_ctx >= 2048
 
@@ -22,7 +22,7 @@ def test_defaults():
 def test_environment_then_flags():
     env = {"API_PORT": "5123", "MODEL_PATH": "/models", "N_GPU_LAYERS": "-1", "N_CTX": " 8192 "}
     s = Settings.load(env=env)
-    assert (s.api_port, s.model_path, s.n_gpu_layers, s.n_ctx) == (5123, Path("/models"), -1, 8192)
+    assert (s.api_port, s.model_path, s.n_gpu_layers, s.n_ctx) == (5123, Path("/models"), "-1", 8192)
     parser = argparse.ArgumentParser()
     Settings.add_arguments(parser)
     s = Settings.load(env=env, args=parser.parse_args(["--api-port", "6000", "--model", "x.gguf"]))

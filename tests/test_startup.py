@@ -34,7 +34,7 @@ def test_bad_startup_model_is_a_clear_error(model_dir, model, says):
 @pytest.mark.parametrize("env,says", [
     ({"N_CTX": "lots"}, "N_CTX must be an integer"),
     ({"API_PORT": "70000"}, "API_PORT must be between 1 and 65535"),
-    ({"N_GPU_LAYERS": "-2"}, "N_GPU_LAYERS must be >= -1"),
+    ({"N_GPU_LAYERS": "-2"}, "N_GPU_LAYERS must be auto, -1"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
 ])
 def test_bad_settings_are_a_clear_error(env, says):
@@ -72,3 +72,42 @@ def test_ensure_model_is_idempotent(default_model_file):
     result = run_engine({"MODEL_PATH": str(default_model_file.parent)}, "ensure-model")
     assert result.returncode == 0 and result.stdout.strip() == str(default_model_file)
     assert "assembling" not in result.stderr  # already there and intact: nothing rewritten
+
+
+def test_gpu_layers_auto_runs_on_cpu_with_one_log_line(model_dir):
+    """On a machine or build without a GPU, `auto` (the default) says so once and runs on CPU."""
+    from tests.server_process import start_server, stop_server
+
+    server = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_GPU_LAYERS": "auto"},
+                          model_dir.parent / "auto.log")
+    try:
+        import requests
+
+        health = requests.get(server.url + "/health", timeout=10).json()
+        log = server.log()
+    finally:
+        stop_server(server)
+    from engine.offload import gpu_offload_supported, query_free_vram
+
+    if gpu_offload_supported() and query_free_vram():
+        pytest.skip("a GPU is present: auto offloads (covered by the gpu-marked tests)")
+    assert health["gpu_layers"] == 0
+    assert sum("N_GPU_LAYERS=auto" in line and "running on CPU" in line for line in log.splitlines()) == 1
+
+
+def test_explicit_gpu_layers_without_gpu_fail_at_startup(model_dir):
+    from engine.offload import gpu_offload_supported, query_free_vram
+
+    if gpu_offload_supported() and query_free_vram():
+        pytest.skip("a GPU is present")
+    result = run_engine({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_GPU_LAYERS": "10"}, "serve")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("ai-engine: error:")]
+    assert len(error) == 1 and "N_GPU_LAYERS=10" in error[0] and "-DGGML_CUDA=on" in error[0]
+
+
+def test_doctor_command(default_model_file):
+    result = run_engine({}, "doctor", "--model", str(default_model_file))
+    assert result.returncode == 0, result.stderr
+    for heading in ("CPU features", "GPU offload", "KV cache", "N_GPU_LAYERS=auto"):
+        assert heading in result.stdout

@@ -18,7 +18,7 @@ def health():
             "queue_depth": host.admission.depth, "busy": host.admission.busy}
     if model is not None:
         body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx,
-                    gpu_layers=host.settings.n_gpu_layers)
+                    gpu_layers=model.gpu_layers)
     return jsonify(body), 200 if host.ready else 503
 
 
