@@ -36,9 +36,9 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     app.extensions["settings"] = settings
     app.extensions["model_host"] = host or ModelHost(settings)
 
-    from engine.api import ollama, openai, ops, simulator
+    from engine.api import docs, ollama, openai, ops, simulator
 
-    for blueprint in (simulator.bp, ollama.bp, openai.bp, ops.bp):
+    for blueprint in (simulator.bp, ollama.bp, openai.bp, ops.bp, docs.bp):
         app.register_blueprint(blueprint)
     _register_hooks(app, settings)
     _register_error_handlers(app)
