@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import re
 import signal
 import sys
@@ -91,7 +92,13 @@ def quantized_name(out: Path, outtype: str, qtype: str) -> Path:
     return out.with_name(f"{stem}-{qtype.lower()}.gguf")
 
 
+def _quiet_gguf_writer() -> None:
+    # GGUFWriter logs its file plan at INFO; the converter reports what matters itself.
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
+
+
 def _convert_cmd(args: argparse.Namespace) -> int:
+    _quiet_gguf_writer()
     from convert.hub import resolve_source
     from convert.pipeline import convert
     from convert.quantize import parse_type, quantize
@@ -100,6 +107,10 @@ def _convert_cmd(args: argparse.Namespace) -> int:
     out: Path = args.output
     if out.suffix != ".gguf":
         raise ConvertError(f"the output name must end in .gguf: {out}")
+    if args.verify:
+        from convert.verify import check_available
+
+        check_available()
     outputs = [out]
     with _terminate_as_exception():
         source = resolve_source(args.src, args.revision)

@@ -164,6 +164,16 @@ class _HfResults:
     greedy: list[list[int]]
 
 
+def check_available() -> None:
+    """Raise now, before a long conversion, if comparing with transformers cannot work."""
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise VerifyError(f"--verify compares with the original in transformers and needs "
+                          f"{' and '.join(missing)}: pip install 'ai-engine[verify]'")
+
+
 def hf_reference(folder: Path, prompts: list[str], greedy_tokens: int) -> _HfResults:
     """Token ids, last-token logits and greedy continuations from transformers (float32)."""
     try:

@@ -11,9 +11,7 @@ Three kinds of tokenizer files are understood:
 - `tokenizer.json` holding a byte-level BPE (Llama 3, Qwen2) → "gpt2" with its merges and a
   pre-tokenizer identified from its split rules (convert/pretokenizers.py).
 
-Special token ids, the add-BOS/EOS flags and the chat template come from tokenizer_config.json
-through `gguf.SpecialVocab`; the add-BOS flag is always written explicitly, because llama.cpp's
-default differs per tokenizer and would otherwise disagree with transformers.
+Special token ids, the add-BOS/EOS flags and the chat template: convert/special.py.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import gguf
 
 from convert import pretokenizers
 from convert.errors import TokenizerError
+from convert.special import SpecialTokens, load_special, read_json
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class Vocab:
     types: list[int]
     scores: list[float] | None
     source: str                     # which file it came from, for logs and the manifest
-    special: gguf.SpecialVocab | None = None
+    special: SpecialTokens | None = None
     add_space_prefix: bool | None = None
     remove_extra_whitespaces: bool | None = None
     merges: list[str] = field(default_factory=list)
@@ -75,24 +74,28 @@ class Vocab:
             w.add_add_space_prefix(self.add_space_prefix)
         if self.remove_extra_whitespaces is not None:
             w.add_remove_extra_whitespaces(self.remove_extra_whitespaces)
+        if self.merges:
+            w.add_token_merges(self.merges)
         if self.special is not None:
-            self.special.add_to_gguf(w, quiet=True)
+            self.special.add_to(w)
 
 
 def load_vocab(folder: Path, *, spm_add_space_prefix: bool | None = None) -> Vocab:
     """Read the checkpoint's tokenizer files (tokenizer.model first, then tokenizer.json)."""
     vocab: Vocab | None = None
     spm_path, json_path = folder / "tokenizer.model", folder / "tokenizer.json"
+    tokenizer_json = read_json(json_path)  # parsed once: it can be tens of megabytes
     if spm_path.is_file():
-        vocab = _from_sentencepiece(spm_path, fallback=json_path.is_file())
-    if vocab is None and json_path.is_file():
-        vocab = _from_tokenizer_json(json_path)
+        vocab = _from_sentencepiece(spm_path, fallback=tokenizer_json is not None)
+    if vocab is None and tokenizer_json is not None:
+        vocab = _from_tokenizer_json(tokenizer_json)
     if vocab is None:
         raise TokenizerError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json)")
     if vocab.model == "llama" and vocab.add_space_prefix is None:
         vocab.add_space_prefix = spm_add_space_prefix
-    _apply_added_tokens(vocab, folder)
-    _attach_special(vocab, folder)
+    _apply_added_tokens(vocab, _added_tokens(folder, tokenizer_json))
+    vocab.special = load_special(folder, vocab.tokens, tokenizer_json,
+                                 sentencepiece=vocab.source == "tokenizer.model")
     log.info("vocabulary: %d tokens from %s (%s, pre-tokenizer %s)", len(vocab.tokens), vocab.source,
              vocab.model, vocab.pre)
     return vocab
@@ -144,17 +147,16 @@ def _from_sentencepiece(path: Path, *, fallback: bool) -> Vocab | None:
 # --- tokenizer.json --------------------------------------------------------------------------
 
 
-def _from_tokenizer_json(path: Path) -> Vocab:
-    try:
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise TokenizerError(f"{path} is not valid JSON ({exc})") from None
+def _from_tokenizer_json(tj: dict[str, Any]) -> Vocab:
     model = tj.get("model") or {}
     kind = model.get("type")
     if kind == "Unigram":
         return _unigram(tj)
     if kind != "BPE":
         raise TokenizerError(f"tokenizer.json model type {kind} is not supported (BPE or Unigram)")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise TokenizerError("tokenizer.json uses subword prefixes/suffixes, which llama.cpp's "
+                             "tokenizers do not support")
     if _mentions(tj.get("pre_tokenizer"), "ByteLevel") or _mentions(tj.get("decoder"), "ByteLevel"):
         return _byte_level_bpe(tj)
     if model.get("byte_fallback") or _uses_metaspace(tj):
@@ -268,29 +270,27 @@ def _escape_space(part: str) -> str:
     return part.replace(" ", chr(ord(" ") + 256))
 
 
-# --- added tokens, special tokens, chat template ---------------------------------------------
+# --- added tokens ----------------------------------------------------------------------------
 
 
-def _added_tokens(folder: Path) -> list[tuple[int, str, bool]]:
+def _added_tokens(folder: Path, tokenizer_json: dict[str, Any] | None) -> list[tuple[int, str, bool]]:
     """(id, content, special) for every added token, from tokenizer.json or tokenizer_config.json."""
     found: dict[int, tuple[str, bool]] = {}
-    config = _read_json(folder / "tokenizer_config.json") or {}
+    config = read_json(folder / "tokenizer_config.json") or {}
     for key, entry in (config.get("added_tokens_decoder") or {}).items():
         found[int(key)] = (entry["content"], bool(entry.get("special")))
-    tj = _read_json(folder / "tokenizer.json") or {}
-    for entry in tj.get("added_tokens") or []:
+    for entry in (tokenizer_json or {}).get("added_tokens") or []:
         found[int(entry["id"])] = (entry["content"], bool(entry.get("special")))
-    for content, i in (_read_json(folder / "added_tokens.json") or {}).items():
+    for content, i in (read_json(folder / "added_tokens.json") or {}).items():
         found.setdefault(int(i), (content, False))
     return sorted((i, c, s) for i, (c, s) in found.items())
 
 
-def _apply_added_tokens(vocab: Vocab, folder: Path) -> None:
-    for i, content, special in _added_tokens(folder):
+def _apply_added_tokens(vocab: Vocab, added: list[tuple[int, str, bool]]) -> None:
+    for i, content, special in added:
         if i >= len(vocab.tokens):
             vocab.pad_to(i + 1)
-        kind = vocab.types[i]
-        if kind in (TT.UNKNOWN, TT.BYTE):
+        if vocab.types[i] in (TT.UNKNOWN, TT.BYTE):
             continue  # keep what the model itself says these are
         if special:
             vocab.types[i] = TT.CONTROL
@@ -301,36 +301,3 @@ def _apply_added_tokens(vocab: Vocab, folder: Path) -> None:
         vocab.tokens[i] = content
         if vocab.scores is not None:
             vocab.scores[i] = _USER_DEFINED_SCORE
-
-
-def _attach_special(vocab: Vocab, folder: Path) -> None:
-    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(vocab.tokens))
-    special.merges = vocab.merges
-    if "bos" not in special.add_special_token:
-        # transformers' SentencePiece tokenizers add BOS by default; a tokenizer.json adds
-        # whatever its post-processor says (SpecialVocab has read that already).
-        special.add_special_token["bos"] = vocab.source == "tokenizer.model" and "bos" in special.special_token_ids
-    special.add_special_token.setdefault("eos", False)
-    if special.chat_template is None:
-        special.chat_template = chat_template(folder)
-    vocab.special = special
-
-
-def chat_template(folder: Path) -> str | list[dict[str, str]] | None:
-    """The chat template from tokenizer_config.json, chat_template.jinja or chat_template.json."""
-    config = _read_json(folder / "tokenizer_config.json") or {}
-    if config.get("chat_template"):
-        return config["chat_template"]
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    return (_read_json(folder / "chat_template.json") or {}).get("chat_template")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise TokenizerError(f"{path} is not valid JSON ({exc})") from None

@@ -35,7 +35,8 @@ def converted(request, tmp_path_factory):
     kind = request.param
     root = tmp_path_factory.mktemp(kind.id)
     folder = build(kind, root / "hf", root / "work")
-    paths = {t: convert(SourceInfo(folder), root / f"{kind.id}-{t}.gguf", t).path for t in NMSE_LIMITS}
+    outtypes = [*NMSE_LIMITS, *(["bf16"] if kind.dtype == "bfloat16" else [])]
+    paths = {t: convert(SourceInfo(folder), root / f"{kind.id}-{t}.gguf", t).path for t in outtypes}
     # One thread: these models are tiny, and a second spinning thread only loses on a busy machine.
     report = verify_files(list(paths.values()), hf_source=SourceInfo(folder), greedy_tokens=8, threads=1)
     print_table(report, sys.stdout)
@@ -52,6 +53,9 @@ def test_logits_match_transformers(converted):
         row = rows[paths[outtype].name]
         assert row.top1_hf == 1.0 and row.greedy_same == 1.0, f"{kind.id} {outtype}: {row}"
     assert rows[paths["q8_0"].name].kl_mean < 0.01
+    if "bf16" in paths:
+        # Weights stored in bf16 convert to bf16 without loss: as exact as f32.
+        assert rows[paths["bf16"].name].nmse_max < NMSE_LIMITS["f32"]
 
 
 def _llama_tokens(path: Path, text: str) -> list[int]:
