@@ -26,8 +26,11 @@ class Unauthorized(EngineError):
     status = 401
 
 
-def create_app(settings: Settings | None = None, host: ModelHost | None = None) -> Flask:
-    """Build the app. `host` is the model host (a new, empty one if not given)."""
+def create_app(settings: Settings | None = None, host: ModelHost | None = None,
+               replica_id: str | None = None) -> Flask:
+    """Build the app. `host` is the model host (a new, empty one if not given). `replica_id`
+    names this copy of the engine when several serve one address (Ray Serve replicas): it is
+    sent as the X-AI-Engine-Replica header, logged, and put in /generate's metadata."""
     settings = settings or Settings.load()
     app = Flask(__name__)
     app.json.ensure_ascii = False  # Spanish replies stay readable on the wire
@@ -35,6 +38,7 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None) 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["settings"] = settings
     app.extensions["model_host"] = host or ModelHost(settings)
+    app.extensions["replica_id"] = replica_id
 
     from engine.api import docs, ollama, openai, ops, simulator
 
@@ -53,11 +57,14 @@ def request_fields() -> dict:
 def _register_hooks(app: Flask, settings: Settings) -> None:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     host: ModelHost = app.extensions["model_host"]
+    replica_id: str | None = app.extensions["replica_id"]
 
     @app.before_request
     def start_request():
         request.environ["ai_engine.started"] = time.perf_counter()
         request_fields()["request_id"] = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+        if replica_id:
+            request_fields()["replica"] = replica_id  # the access log and /generate's metadata
         if request.method == "OPTIONS":
             return _preflight(origins)
         if settings.api_key and request.path not in PUBLIC_PATHS and not _authorized(settings.api_key):
@@ -69,6 +76,8 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
     def finish_request(response: Response):
         fields = request_fields()
         response.headers["X-Request-ID"] = fields["request_id"]
+        if replica_id:
+            response.headers["X-AI-Engine-Replica"] = replica_id
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin

@@ -94,6 +94,8 @@ def _reply_body(job: service.Job) -> dict:
         "finish_reason": result.finish_reason,
         "cached": result.cached,
     }
+    if job.fields.get("replica"):  # which replica answered, when several serve one address (Ray Serve)
+        metadata["replica"] = job.fields["replica"]
     if not result.text:
         # Never silently: the caller (and the log) learn that the model said nothing usable.
         metadata["warning"] = f"the model produced no reply text (finish_reason={result.finish_reason})"
