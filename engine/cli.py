@@ -10,7 +10,9 @@ import logging
 import sys
 
 from engine import __version__
-from engine.errors import EngineError
+from engine.errors import EngineError, SettingsError
+from engine.ray_options import RayOptions, ray_flags_without_ray
+from engine.ray_options import add_arguments as add_ray_arguments
 from engine.settings import Settings
 
 log = logging.getLogger("engine")
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Load the model and serve the HTTP API. Every flag can also be "
                                        "set by the environment variable shown.")
     Settings.add_arguments(serve)
+    add_ray_arguments(serve)
 
     ensure = sub.add_parser("ensure-model", help="put the embedded default model into MODEL_PATH and print its path")
     ensure.add_argument("--model-path", dest="model_path", default=None, metavar="MODEL_PATH",
@@ -50,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["serve", *argv]
     args = parser.parse_args(argv)
     try:
+        if args.command == "serve" and args.ray:
+            from engine.ray_serve import serve_ray  # Ray is an optional extra: imported only here
+
+            return serve_ray(Settings.load(args=args), RayOptions.from_args(args))
         if args.command == "serve":
+            if ray_flags_without_ray(args):
+                raise SettingsError(f"{', '.join(ray_flags_without_ray(args))} need --ray")
             from engine.server import serve
 
             return serve(Settings.load(args=args))
