@@ -39,7 +39,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                       help="type of the converted weights (default f16; norms stay f32)")
     conv.add_argument("--quantize", metavar="TYPES", default="",
                       help="also quantize to these comma-separated llama.cpp types (e.g. Q4_K_M,Q8_0); "
-                           "each goes to OUT-<type>.gguf")
+                           "each goes to OUT-<type>.gguf (an -f16 suffix in OUT is replaced)")
     conv.add_argument("--verify", action="store_true",
                       help="compare the outputs against the original in transformers (needs torch)")
     conv.add_argument("--revision", help="hub revision (branch, tag or commit)")

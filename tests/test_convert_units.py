@@ -106,6 +106,15 @@ def test_bf16_and_f32_sources_convert_alike(tmp_path):
     digest = lambda d: (d.parent / "m.gguf.sha256").read_text().split()[0]  # noqa: E731
     assert digest(f32) == digest(bf16)
 
+    # And bf16 weights reach a bf16 GGUF bit for bit.
+    import gguf
+
+    assert main(["convert", str(bf16), "-o", str(tmp_path / "b.gguf"), "--outtype", "bf16"]) == 0
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "b.gguf").tensors}
+    want = (rounded["model.layers.0.mlp.down_proj.weight"].view(np.uint32) >> 16).astype(np.uint16)
+    assert stored["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    assert np.array_equal(np.asarray(stored["blk.0.ffn_down.weight"].data).view(np.uint16).ravel(), want.ravel())
+
 
 def test_llama3_rope_factors_match_transformers():
     pytest.importorskip("transformers")
