@@ -8,23 +8,20 @@ that fails to load leaves the current one in place.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from engine.default_model import ensure_default_model
 from engine.errors import ModelLoadError, ModelNotFound, ModelNotReady, ModelRefused
-from engine.admission import Admission, QueueFull, RequestTimeout
-from engine.generation import LlamaSession
 from engine.gguf_info import quantization_name
 from engine.metrics import Metrics
 from engine.offload import resolve_gpu_layers
-from engine.prompt_cache import ConversationCache, ResponseCache
+from engine.prompt_cache import ResponseCache
+from engine.scheduler import BatchEngine
 from engine.settings import KV_CACHE_TYPES, Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +31,9 @@ GGUF_MAGIC = b"GGUF"
 
 @dataclass(eq=False)
 class LoadedModel:
-    """A loaded llama.cpp model, its context session, and what is known about it."""
+    """A loaded llama.cpp model, the batch engine driving its context, and what is known about it."""
 
-    llm: "object"  # llama_cpp.Llama; typed loosely so importing this module stays cheap
-    session: LlamaSession
+    engine: BatchEngine
     path: Path
     name: str
     load_seconds: float
@@ -45,16 +41,16 @@ class LoadedModel:
 
     @property
     def n_ctx(self) -> int:
-        return self.session.n_ctx
+        return self.engine.n_ctx
 
     @property
     def metadata(self) -> dict[str, str]:
         """The GGUF's metadata as llama.cpp read it (strings), arrays excluded."""
-        return self.llm.metadata
+        return self.engine.metadata
 
     def close(self) -> None:
-        self.session.close()
-        self.llm.close()
+        """Finish the requests it accepted, then free it."""
+        self.engine.close()
 
 
 def check_gguf_file(path: Path) -> None:
@@ -79,8 +75,6 @@ class ModelHost:
         self._model: LoadedModel | None = None
         self.responses = ResponseCache(settings.response_cache_size)
         self.metrics = Metrics()
-        # One generation at a time per llama context, in arrival order, with a bounded queue.
-        self.admission = Admission(settings.max_queue, on_change=self.metrics.queue_depth.set)
         self._load_lock = threading.Lock()  # one load at a time
         self.loading = False  # /health answers 503 while a model loads
 
@@ -165,22 +159,19 @@ class ModelHost:
             self.metrics.model_loaded.set(0)
             try:
                 new = self._build(path)
-                # Requests already generating finish on the old model; the swap waits for them.
-                with self.admission.exclusive():
-                    old, self._model = self._model, new
+                old, self._model = self._model, new
             finally:
                 self.loading = False
                 self.metrics.model_loaded.set(1 if self._model is not None else 0)
         if old is not None:
-            old.close()
+            # Requests it already accepted finish on it; new ones go to the new model.
+            threading.Thread(target=old.close, name="model-drain", daemon=True).start()
         self.responses.clear()
         self.metrics.set_model(new.name, quantization_name(_file_type(new)), new.gpu_layers,
                                new.load_seconds)
         return new
 
     def _build(self, path: Path) -> LoadedModel:
-        import llama_cpp  # deferred: loading the shared library is slow and not needed by every command
-
         s = self.settings
         # An explicit N_GPU_LAYERS without a usable GPU is a settings error (not a load error).
         n_gpu, _plan, message = resolve_gpu_layers(s.n_gpu_layers, path, s.n_ctx, n_batch=s.n_batch,
@@ -188,24 +179,21 @@ class ModelHost:
         log.info("%s", message)
         started = time.perf_counter()
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=s.n_ctx, n_batch=min(s.n_batch, s.n_ctx),
-                n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                n_gpu_layers=n_gpu, flash_attn=s.flash_attn,
-                type_k=KV_CACHE_TYPES[s.kv_cache_type], type_v=KV_CACHE_TYPES[s.kv_cache_type],
-                # A full-size sliding-window cache lets the conversation cache drop a suffix.
-                swa_full=True, verbose=False)
+            engine = BatchEngine(
+                path, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch, n_threads=s.n_threads,
+                n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu, flash_attn=s.flash_attn,
+                kv_type=KV_CACHE_TYPES[s.kv_cache_type], cache_bytes=s.cache_ram_mb << 20,
+                max_queue=s.max_queue, metrics=self.metrics)
         except Exception as exc:  # llama-cpp-python raises ValueError with little detail
             size = path.stat().st_size if path.exists() else 0
             raise ModelLoadError(
                 f"llama.cpp could not load {path.name} ({size:,} bytes): {exc}. The file may be truncated, "
                 "not a model GGUF, or of an architecture this llama.cpp build does not support") from exc
         seconds = time.perf_counter() - started
-        log.info("loaded %s in %.2f s (n_ctx=%d, threads=%d, gpu_layers=%d)",
-                 path.name, seconds, llm.n_ctx(), s.n_threads, n_gpu)
-        session = LlamaSession(llm, ConversationCache(s.cache_ram_mb << 20))
-        return LoadedModel(llm=llm, session=session, path=path, name=self.display_name(path),
-                           load_seconds=seconds, gpu_layers=n_gpu)
+        log.info("loaded %s in %.2f s (n_ctx=%d per sequence, n_parallel=%d, threads=%d, gpu_layers=%d)",
+                 path.name, seconds, s.n_ctx, s.n_parallel, s.n_threads, n_gpu)
+        return LoadedModel(engine=engine, path=path, name=self.display_name(path), load_seconds=seconds,
+                           gpu_layers=n_gpu)
 
     def display_name(self, path: Path) -> str:
         """A model's name in responses: its path relative to MODEL_PATH, else its file name."""
@@ -223,27 +211,8 @@ class ModelHost:
     def ready(self) -> bool:
         return self._model is not None and not self.loading
 
-    @contextlib.contextmanager
-    def use(self, deadline: float | None = None) -> Iterator[LoadedModel]:
-        """Exclusive use of the current model's context for one generation, after waiting in the
-        queue (503 when it is full; 504 when `deadline`, a perf_counter time, passes)."""
-        if deadline is None:
-            deadline = time.perf_counter() + self.settings.request_timeout_s
-        try:
-            with self.admission.slot(deadline):
-                if self._model is None:
-                    raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
-                yield self._model
-        except QueueFull:
-            self.metrics.rejections.inc()
-            raise
-        except RequestTimeout:
-            self.metrics.timeouts.inc()
-            raise
-
     def close(self) -> None:
-        with self.admission.exclusive():
-            model, self._model = self._model, None
+        model, self._model = self._model, None
         if model is not None:
             model.close()
 

@@ -32,9 +32,9 @@ def serve(settings: Settings) -> int:
     from waitress import create_server
 
     threads = settings.server_threads
-    if threads < settings.max_queue + 2:
-        log.warning("SERVER_THREADS=%d is below MAX_QUEUE + 2 = %d: waitress will hold requests before "
-                    "the engine's queue sees them", threads, settings.max_queue + 2)
+    if threads < settings.n_parallel + settings.max_queue + 1:
+        log.warning("SERVER_THREADS=%d is below N_PARALLEL + MAX_QUEUE + 1 = %d: waitress will hold requests "
+                    "before the engine's queue sees them", threads, settings.n_parallel + settings.max_queue + 1)
     try:
         server = create_server(app, host=settings.api_host, port=settings.api_port, threads=threads,
                                ident="ai-engine", channel_timeout=max(120, settings.request_timeout_s + 30))

@@ -3,7 +3,6 @@ response cache, streaming or not, and the metrics, the same for the simulator, O
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -11,7 +10,9 @@ from typing import Callable, Iterator, Sequence
 
 from flask import Response, has_request_context, request
 
+from engine.admission import QueueFull
 from engine.chat import ChatPrompt, chat_prompt
+from engine.errors import ModelNotReady
 from engine.generation import Generation, ReplyText, SamplingParams, StopRules
 from engine.logs import log_prompt
 from engine.model_host import LoadedModel, ModelHost
@@ -42,38 +43,38 @@ class Job:
 
 
 class Run:
-    """A job that holds its place at the model.
+    """A job submitted to the model's scheduler.
 
-    Creating it waits in the admission queue (a full queue is a 503, a passed deadline a 504) and
-    tokenizes the prompt (a prompt that does not fit is a 400), all before any response starts.
-    Iterating yields stable reply text as it comes (one item per token, often ""); afterwards
-    `job.result` holds the `Generation`. `close()` gives the model back; it is safe to call at any
-    time, also when iteration never started or stopped early (a client that went away).
+    Creating it tokenizes the prompt (a prompt that does not fit is a 400) and queues it (a full
+    queue is a 503), before any response starts. Iterating yields stable reply text as it comes
+    (one item per token, often ""), after the wait for a free sequence slot; afterwards
+    `job.result` holds the `Generation`. `close()` cancels it: safe at any time, also when
+    iteration never started or stopped early (a client that went away).
     """
 
     def __init__(self, host: ModelHost, job: Job) -> None:
         self.host, self.job = host, job
-        self._stack = contextlib.ExitStack()
+        self.seq = None
         self._hit: Generation | None = None
+        model = host.current
+        if model is None:
+            raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
+        job.model_name = model.name
+        self.model = model
         if job.params.deterministic:
-            current = host.current
-            self._hit = current and host.responses.get(_response_key(job, current))
+            self._hit = host.responses.get(_response_key(job, model))
             if self._hit is not None:
-                job.model_name = current.name
                 return
-        deadline = job.started + host.settings.request_timeout_s
+        engine = model.engine
+        tokens = engine.tokenize(job.prompt)
+        if job.params.max_tokens <= 0:  # "until the context is full" (Ollama's num_predict -1)
+            job.params = dataclasses.replace(job.params, max_tokens=max(model.n_ctx - len(tokens), 1))
         try:
-            self.model = model = self._stack.enter_context(host.use(deadline))
-            job.model_name = model.name
-            self.tokens = model.session.tokenize(job.prompt)
-            if job.params.max_tokens <= 0:  # "until the context is full" (Ollama's num_predict -1)
-                room = model.n_ctx - len(self.tokens)
-                job.params = dataclasses.replace(job.params, max_tokens=max(room, 1))
-            model.session.check_fits(self.tokens, job.params.max_tokens)
-        except BaseException:
-            self._stack.close()
+            self.seq = engine.submit(tokens, job.params, job.new_reply(), job.started,
+                                     job.started + host.settings.request_timeout_s)
+        except QueueFull:
+            host.metrics.rejections.inc()
             raise
-        self.deadline = deadline
 
     def __iter__(self) -> Iterator[str]:
         job, metrics = self.job, self.host.metrics
@@ -86,16 +87,10 @@ class Run:
             yield self._hit.text
             return
         try:
-            session = self.model.session
-            result: list[Generation] = []
-            hits_before = session.cache.hits
-            yield from session.generate(self.tokens, job.params, job.new_reply(), job.started, result,
-                                        deadline=self.deadline, on_token=metrics.generated_tokens.inc)
-            if session.cache.hits > hits_before:
-                metrics.cache_hits.labels(cache="conversation").inc()
+            yield from self.seq.stream()
         finally:
             self.close()
-        job.result = r = result[0]
+        job.result = r = self.seq.result
         self._record(r)
         metrics.ttft.observe(r.ttft_s)
         metrics.prompt_tokens.inc(r.prompt_tokens)
@@ -106,7 +101,8 @@ class Run:
             self.host.responses.put(_response_key(job, self.model), r)
 
     def close(self) -> None:
-        self._stack.close()
+        if self.seq is not None and self.seq.result is None:
+            self.seq.cancel()
 
     def _record(self, r: Generation) -> None:
         """Token counts into the access log; prompt and reply into the opt-in history only."""
@@ -144,7 +140,7 @@ def stop_key(stop: Sequence[str] | None) -> tuple:
 
 def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]]) -> ChatPrompt:
     """`messages` rendered for `model` with its GGUF chat template (or the fallback transcript)."""
-    bos, eos, adds_bos = model.session.special_token_text()
+    bos, eos, adds_bos = model.engine.special_token_text()
     return chat_prompt(model.metadata.get("tokenizer.chat_template"), messages, bos_token=bos,
                        eos_token=eos, tokenizer_adds_bos=adds_bos)
 

@@ -104,8 +104,12 @@ class Settings:
     response_cache_size: int = _setting(
         "RESPONSE_CACHE_SIZE", "Replies kept for deterministic requests (temperature 0 or a seed); an "
         "identical request is answered from memory. 0 turns it off.", 256, minimum=0)
+    n_parallel: int = _setting(
+        "N_PARALLEL", "Sequences decoded together in one batch (continuous batching). Each has its own "
+        "N_CTX tokens of KV cache, so the cache takes N_PARALLEL times the memory of one.", 4, minimum=1,
+        maximum=64)
     max_queue: int = _setting(
-        "MAX_QUEUE", "Requests that may wait for the model while one generates; past that the engine "
+        "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
         "answers 503 with Retry-After at once.", 32, minimum=0)
     request_timeout_s: int = _setting(
         "REQUEST_TIMEOUT_S", "Deadline of a request in seconds, queue wait + generation; past it the "
@@ -126,7 +130,7 @@ class Settings:
         "for later review. Contains sensitive data; off when empty.", "", default_doc="empty (off)")
     server_threads: int = _setting(
         "SERVER_THREADS", "HTTP worker threads: requests being generated, queued or streamed at once "
-        "(keep it above MAX_QUEUE + 1 to let the queue fill).", 48, minimum=1)
+        "(keep it above N_PARALLEL + MAX_QUEUE to let the queue fill).", 48, minimum=1)
     log_level: str = _setting("LOG_LEVEL", "Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
 
     def __post_init__(self) -> None:

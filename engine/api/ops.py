@@ -14,8 +14,10 @@ def health():
     host = current_app.extensions["model_host"]
     model = host.current
     body = {"status": "ok" if host.ready else "loading", "model_loaded": model is not None,
-            "model_path": str(host.model_dir), "ready": host.ready,
-            "queue_depth": host.admission.depth, "busy": host.admission.busy}
+            "model_path": str(host.model_dir), "ready": host.ready}
+    if model is not None:
+        body.update(active=model.engine.active, queue_depth=model.engine.waiting,
+                    busy=model.engine.active >= model.engine.n_parallel)
     if model is not None:
         body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx,
                     gpu_layers=model.gpu_layers)
