@@ -129,21 +129,25 @@ class _Gguf:
 
         self._llama_cpp = llama_cpp
         threads = threads or physical_cores()
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                   type_k=F32_CACHE, type_v=F32_CACHE, n_threads=threads,
-                                   n_threads_batch=threads, verbose=False)
+        try:
+            self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                                       type_k=F32_CACHE, type_v=F32_CACHE, n_threads=threads,
+                                       n_threads_batch=threads, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise VerifyError(f"llama.cpp cannot load {path}: {exc}") from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
         self.llm.eval(ids)
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
 
-    def greedy(self, ids: list[int], n: int) -> list[int]:
+    def greedy(self, ids: list[int], n: int, last: np.ndarray) -> list[int]:
+        """Up to `n` argmax tokens after `ids` (already evaluated; `last` is its final logits row)."""
         out: list[int] = []
-        last = self.logits(ids)[-1]
         for _ in range(n):
             token = int(np.argmax(last))
-            if self._llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+            if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
                 break
             out.append(token)
             self.llm.eval([token])
@@ -182,8 +186,11 @@ def hf_reference(folder: Path, prompts: list[str], greedy_tokens: int) -> _HfRes
     except ImportError:
         raise VerifyError("comparing with the original needs torch and transformers: "
                           "pip install 'ai-engine[verify]'") from None
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise VerifyError(f"transformers cannot load {folder}: {str(exc).splitlines()[0]}") from None
     model.eval()
     ids_all, logits_all, greedy_all = [], [], []
     with torch.no_grad():
@@ -197,7 +204,7 @@ def hf_reference(folder: Path, prompts: list[str], greedy_tokens: int) -> _HfRes
                                      if tok.pad_token_id is not None else tok.eos_token_id)
                 new = out[0, len(ids):].tolist()
                 eos = set(_as_list(model.generation_config.eos_token_id)) | {tok.eos_token_id}
-                greedy_all.append([t for t in _until(new, eos)])
+                greedy_all.append(_until(new, eos))
     del model
     gc.collect()
     return _HfResults(ids_all, logits_all, greedy_all)
@@ -269,14 +276,17 @@ def _measure(path: Path, info: tuple[str, int, int], hf: _HfResults | None, refe
     model = _Gguf(path, n_ctx, threads)
     try:
         if hf is not None:
-            errors = [nmse(model.logits(ids)[-1], ref) for ids, ref in zip(hf.prompt_ids, hf.last_logits)]
-            same = [int(np.argmax(model.logits(ids)[-1]) == np.argmax(ref))
-                    for ids, ref in zip(hf.prompt_ids, hf.last_logits)]
+            errors, same, greedy = [], [], []
+            wanted = hf.greedy or [None] * len(hf.prompt_ids)
+            for ids, ref, want in zip(hf.prompt_ids, hf.last_logits, wanted):
+                last = model.logits(ids)[-1]
+                errors.append(nmse(last, ref))
+                same.append(int(np.argmax(last) == np.argmax(ref)))
+                if greedy_tokens and want is not None:
+                    greedy.append(model.greedy(ids, greedy_tokens, last) == want)
             row.nmse_mean, row.nmse_max = float(np.mean(errors)), float(np.max(errors))
             row.top1_hf = float(np.mean(same))
-            if greedy_tokens:
-                row.greedy_same = float(np.mean([model.greedy(ids, greedy_tokens) == want
-                                                 for ids, want in zip(hf.prompt_ids, hf.greedy)]))
+            row.greedy_same = float(np.mean(greedy)) if greedy else None
         if ref_lp is not None:
             logits = model.logits(kl_ids)
             kl = kl_divergence(ref_lp, logits)

@@ -132,12 +132,14 @@ def test_bad_checkpoint_is_refused_in_one_line(name, breaks, message, good, tmp_
     (["convert", "{ckpt}", "-o", "{tmp}/x.gguf", "--quantize", "Q4_K_M,IQ1_S"], "IQ1_S needs an importance matrix"),
     (["convert", "{tmp}/nowhere", "-o", "{tmp}/x.gguf"], "neither a folder nor a Hugging Face repo id"),
     (["verify", "{tmp}/notes.gguf"], "is not a GGUF file"),
+    (["verify", "{tmp}/half.gguf"], "llama.cpp cannot load"),
 ], ids=["imatrix type", "unknown type", "missing input", "same file", "not .gguf", "imatrix in --quantize",
-        "no such source", "verify non-gguf"])
+        "no such source", "verify non-gguf", "verify truncated"])
 def test_bad_arguments_are_refused_in_one_line(args, message, good, tmp_path, capsys):
     gguf = tmp_path / "in.gguf"
     assert main(["convert", str(good), "-o", str(gguf)]) == 0
     (tmp_path / "notes.gguf").write_text("not a model")
+    (tmp_path / "half.gguf").write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
     capsys.readouterr()
     argv = [a.format(gguf=gguf, tmp=tmp_path, ckpt=good) for a in args]
     assert main(argv) == 2

@@ -137,3 +137,30 @@ def test_interleave_rows_undoes_transformers_rotate_half_layout():
 
     # Two heads of dim 4: transformers stores [x0 x1 | y0 y1] per head, llama.cpp wants x0 y0 x1 y1.
     assert interleave_rows(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_chat_template_sources_in_transformers_order(tmp_path):
+    from convert.special import chat_template
+
+    assert chat_template(tmp_path, {}) is None
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "from json"}))
+    assert chat_template(tmp_path, {}) == "from json"
+    (tmp_path / "chat_template.jinja").write_text("from jinja")
+    assert chat_template(tmp_path, {}) == "from jinja"
+    assert chat_template(tmp_path, {"chat_template": "from config"}) == "from config"
+
+
+def test_special_tokens_and_flags(tmp_path):
+    from convert.special import load_special
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "hola"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<bos>", "eos_token": {"content": "<eos>"}, "pad_token": "<pad>"}))
+    (tmp_path / "config.json").write_text(json.dumps({"unk_token_id": 3, "eos_token_id": [1, 4]}))
+    template = {"post_processor": {"type": "TemplateProcessing", "single": [
+        {"SpecialToken": {"id": "<bos>"}}, {"Sequence": {"id": "A"}}, {"SpecialToken": {"id": "<eos>"}}]}}
+    special = load_special(tmp_path, tokens, template, sentencepiece=False)
+    assert special.ids == {"bos": 2, "eos": 1, "unk": 3, "pad": 0}
+    assert special.add_bos and special.add_eos
+    assert not load_special(tmp_path, tokens, {}, sentencepiece=False).add_bos
+    assert load_special(tmp_path, tokens, None, sentencepiece=True).add_bos  # SentencePiece default
