@@ -177,3 +177,10 @@ def test_pytorch_bin_with_torch_converts(good, tmp_path):
     from convert.gguf_info import read_info
 
     assert read_info(tmp_path / "bin.gguf").tensor_shapes == read_info(tmp_path / "st.gguf").tensor_shapes
+
+
+def test_tokenizer_model_without_sentencepiece_says_what_to_install(good, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # import raises ImportError
+    assert main(["convert", str(good), "-o", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "reading tokenizer.model needs the sentencepiece package: pip install sentencepiece" in err
