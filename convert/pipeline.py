@@ -48,7 +48,7 @@ def tensor_type(t: OutTensor, wanted: Q) -> Q:
     """The stored type of one tensor: norms, biases and 1-D tensors stay f32 (as llama.cpp does)."""
     if t.keep_f32 or len(t.shape) < 2:
         return Q.F32
-    if wanted in (Q.Q8_0,) and t.shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0] != 0:
+    if wanted is Q.Q8_0 and t.shape[-1] % gguf.GGML_QUANT_SIZES[wanted][0] != 0:
         return Q.F16  # rows that do not fill whole Q8_0 blocks
     return wanted
 
@@ -96,7 +96,7 @@ def convert(source: SourceInfo, out: Path, outtype: str = "f16", *, name: str | 
         arch = architecture_for(ckpt)
         tensors = arch.tensor_plan()
         embd = next(t for t in tensors if t.name == "token_embd.weight")
-        vocab = load_vocab(source.folder, spm_add_space_prefix=arch.spm_add_space_prefix)
+        vocab = load_vocab(source.folder)
         vocab.pad_to(embd.shape[0])
 
         w = gguf.GGUFWriter(path=None, arch=arch.gguf_name)

@@ -80,7 +80,7 @@ class Vocab:
             self.special.add_to(w)
 
 
-def load_vocab(folder: Path, *, spm_add_space_prefix: bool | None = None) -> Vocab:
+def load_vocab(folder: Path) -> Vocab:
     """Read the checkpoint's tokenizer files (tokenizer.model first, then tokenizer.json)."""
     vocab: Vocab | None = None
     spm_path, json_path = folder / "tokenizer.model", folder / "tokenizer.json"
@@ -91,8 +91,6 @@ def load_vocab(folder: Path, *, spm_add_space_prefix: bool | None = None) -> Voc
         vocab = _from_tokenizer_json(tokenizer_json)
     if vocab is None:
         raise TokenizerError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json)")
-    if vocab.model == "llama" and vocab.add_space_prefix is None:
-        vocab.add_space_prefix = spm_add_space_prefix
     _apply_added_tokens(vocab, _added_tokens(folder, tokenizer_json))
     vocab.special = load_special(folder, vocab.tokens, tokenizer_json,
                                  sentencepiece=vocab.source == "tokenizer.model")
@@ -174,7 +172,7 @@ def _mentions(node: Any, kind: str) -> bool:
 
 
 def _uses_metaspace(tj: dict[str, Any]) -> bool:
-    return _mentions(tj.get("pre_tokenizer"), "Metaspace") or SPACE in json.dumps(tj.get("normalizer"))
+    return _mentions(tj.get("pre_tokenizer"), "Metaspace") or SPACE in json.dumps(tj.get("normalizer"), ensure_ascii=False)
 
 
 def _spm_prefix(tj: dict[str, Any]) -> bool:

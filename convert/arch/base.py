@@ -117,8 +117,6 @@ class Architecture:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     # Tied input/output embeddings when config.json does not say (Gemma ties by design).
     tied_embeddings_default: ClassVar[bool] = False
-    # Default tokenizer.ggml.add_space_prefix for SentencePiece vocabularies (None: ask the model).
-    spm_add_space_prefix: ClassVar[bool | None] = None
 
     def __init__(self, checkpoint: Checkpoint, hf_name: str) -> None:
         self.checkpoint = checkpoint

@@ -22,7 +22,6 @@ NORM_KINDS = {
 class Gemma(Architecture):
     gguf_arch = gguf.MODEL_ARCH.GEMMA
     tied_embeddings_default = True
-    spm_add_space_prefix = False  # Gemma's SentencePiece model has no dummy prefix
 
     def skip(self, hf_name: str) -> bool:
         # llama.cpp's GEMMA graph has no output tensor: lm_head is always the embeddings.
