@@ -199,7 +199,8 @@ class Checkpoint:
                     f"{self.folder} is incomplete: the index lists {len(names)} shards but "
                     f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
             return [self.folder / n for n in names]
-        return sorted(self.folder.glob("*.safetensors"))
+        # consolidated*.safetensors: Mistral's original-format copy of the same weights.
+        return sorted(p for p in self.folder.glob("*.safetensors") if not p.name.startswith("consolidated"))
 
     def _index_safetensors(self, paths: list[Path]) -> dict[str, TensorSource]:
         tensors: dict[str, TensorSource] = {}

@@ -26,6 +26,9 @@ CONFIG_FILES = [
 ]
 SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
 TORCH_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+# Mistral repos also carry the original-format weights (consolidated.safetensors), Llama 3 repos an
+# original/ folder: gigabytes the conversion never reads.
+IGNORED = ["*/*", "consolidated*"]
 
 
 def resolve_source(src: str, revision: str | None = None) -> SourceInfo:
@@ -50,13 +53,13 @@ def download(repo_id: str, revision: str | None = None) -> Path:
                               "pip install 'ai-engine[convert]' (or pip install huggingface-hub)") from None
     log.info("fetching %s%s from the Hugging Face hub", repo_id, f"@{revision}" if revision else "")
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision,
+        folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=IGNORED,
                                         allow_patterns=CONFIG_FILES + SAFETENSORS_FILES))
         if not any(folder.glob("*.safetensors")):
             if importlib.util.find_spec("torch") is None:
                 raise CheckpointError(f"{repo_id} has no .safetensors weights, and its "
                                       "pytorch_model.bin needs torch: pip install torch")
-            folder = Path(snapshot_download(repo_id, revision=revision,
+            folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=IGNORED,
                                             allow_patterns=CONFIG_FILES + TORCH_FILES))
     except hf_errors.GatedRepoError:
         raise CheckpointError(f"{repo_id} is gated: accept its license on huggingface.co, then set "
