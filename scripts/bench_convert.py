@@ -33,14 +33,16 @@ REFERENCE = {"convert_f16": {"wall_s": 12.0, "peak_rss_mb": 1670.0}, "quantize_q
 
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one child process."""
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+    # stderr goes to a file: a pipe nobody reads while we wait would block a chatty child.
+    with tempfile.TemporaryFile() as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read().decode(errors='replace')[-2000:]}")
     return wall, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
