@@ -10,6 +10,7 @@ from __future__ import annotations
 import gguf
 
 from convert.arch.base import Architecture, OutTensor, register
+from convert.errors import ConvertError
 
 NORM_KINDS = {
     gguf.MODEL_TENSOR.ATTN_NORM, gguf.MODEL_TENSOR.FFN_NORM, gguf.MODEL_TENSOR.OUTPUT_NORM,
@@ -24,8 +25,13 @@ class Gemma(Architecture):
     tied_embeddings_default = True
 
     def skip(self, hf_name: str) -> bool:
-        # llama.cpp's GEMMA graph has no output tensor: lm_head is always the embeddings.
-        return hf_name == "lm_head.weight" or super().skip(hf_name)
+        # llama.cpp's Gemma and Gemma 2 graphs have no output tensor: lm_head is the embeddings.
+        if hf_name == "lm_head.weight":
+            if not self.tied_embeddings:
+                raise ConvertError(f"{self.hf_name}: an untied lm_head cannot be represented in "
+                                   f"llama.cpp's {self.gguf_name} graph")
+            return True
+        return super().skip(hf_name)
 
     def transform(self, t: OutTensor) -> None:
         if t.kind in NORM_KINDS:
