@@ -8,6 +8,8 @@ response must match the schema of its status).
 
 Conventions:
 - Optional fields are `nullable`: every handler treats `null` as "not given" (the default).
+  Where a handler reads a field as `body.get(name) or default`, any empty value ("", [], {},
+  false, 0) means "not given" too, and the schema says so.
 - A schema may be wider than what the handler accepts where the limit depends on the model (a
   prompt that does not fit N_CTX with the requested new tokens is a 400; a chat template may refuse
   a conversation; an unknown `model` is a 404), never narrower.
@@ -118,8 +120,11 @@ ERROR_REASONS = {
     "504": "The request's deadline (REQUEST_TIMEOUT_S: queue wait + generation) passed.",
 }
 
-RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying (queue full).",
-                               "required": False, "schema": {"type": "integer", "minimum": 1}}}
+ERROR_HEADERS = {
+    "401": {"WWW-Authenticate": {"description": "`Bearer realm=\"ai-engine\"`.", "schema": {"type": "string"}}},
+    "503": {"Retry-After": {"description": "Seconds to wait before retrying (sent when the queue is full).",
+                            "required": False, "schema": {"type": "integer", "minimum": 1}}},
+}
 
 
 def _json(schema: Schema, description: str, headers: dict | None = None) -> dict:
@@ -131,11 +136,12 @@ def _json(schema: Schema, description: str, headers: dict | None = None) -> dict
 
 def _errors(*statuses: int, shape: str = "Error") -> dict:
     """Error responses of a route: `{"error": "..."}` (or OpenAI's shape on /v1). A body over
-    MAX_BODY_BYTES is refused by Werkzeug before the surface's handler runs: 413 is always `Error`."""
+    MAX_BODY_BYTES is Werkzeug's own HTTP error, answered by the app-wide handler, so 413 is
+    `Error` on every surface."""
     out = {}
     for status in map(str, statuses):
         ref = _ref("Error" if status == "413" else shape)
-        out[status] = _json(ref, ERROR_REASONS[status], RETRY_AFTER if status == "503" else None)
+        out[status] = _json(ref, ERROR_REASONS[status], ERROR_HEADERS.get(status))
     return out
 
 
@@ -260,7 +266,7 @@ def _simulator_paths() -> dict:
             "summary": "Switch to another GGUF under MODEL_PATH; on any failure the current model stays.",
             "requestBody": _body(_ref("LoadModelRequest")),
             "responses": {**_ok(_ref("LoadModelReply"), "Loaded."),
-                          **_errors(400, 401, 404, 413, 422, 503)}}},
+                          **_errors(400, 401, 404, 413, 422)}}},
     }
 
 
@@ -410,16 +416,28 @@ def _openai_common() -> dict[str, Schema]:
         "stream": _boolean("Server-sent events: chunks, then `data: [DONE]`.", False),
         "stream_options": _empty_or(_object({"include_usage": _boolean("A last chunk with `usage`.", False)}),
                                     "Streaming options."),
-        "n": _optional({"type": "integer", "enum": [1], "description": refused}),
-        "best_of": _optional({"type": "integer", "enum": [1], "description": refused}),
-        "echo": _optional({"type": "boolean", "enum": [False], "description": refused}),
-        "top_logprobs": _optional({"type": "integer", "enum": [0], "description": refused}),
+        "n": _only(1, refused),
+        "best_of": _only(1, refused),
+        "echo": _only(False, refused),
+        "top_logprobs": _only(0, refused),
         "suffix": _optional({"type": "string", "enum": [None], "description": "Not supported: must be absent."}),
         "tools": _refused("Function calling."),
         "response_format": _optional(_object({"type": {"type": "string", "enum": ["text"]}}, ("type",),
                                              additionalProperties=False,
                                              description="Only `{\"type\": \"text\"}`.")),
     }
+
+
+def _only(value: int | bool, description: str) -> Schema:
+    """A field that only takes its "off" value. The handler compares with Python's ==, for which
+    1 == true and 0 == false, so both spellings are accepted."""
+    forms = [{"type": "integer", "enum": [int(value)]}, {"type": "boolean", "enum": [bool(value)]}]
+    return _optional({"description": description, "anyOf": forms})
+
+
+def _no_logprobs() -> Schema:
+    # OpenAI's completions take a count, its chat a flag; both surfaces accept "none" in either form.
+    return _only(False, "Not supported: only `false` or `0`.")
 
 
 def _openai_schemas() -> dict[str, Schema]:
@@ -447,13 +465,13 @@ def _openai_schemas() -> dict[str, Schema]:
             "prompt": {"description": "One prompt (a list of exactly one string is accepted too).",
                        "anyOf": [prompt_text, {"type": "array", "items": prompt_text, "minItems": 1, "maxItems": 1}]},
             "max_tokens": _integer("New tokens at most.", minimum=1, default=16),
-            "logprobs": _optional({"type": "integer", "enum": [0], "description": "Not supported (only 0)."}),
+            "logprobs": _no_logprobs(),
         }, ("model", "prompt")),
         "ChatCompletionRequest": _object({
             **_openai_common(),
             "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1},
             "max_tokens": _integer("New tokens at most; absent: until the context is full.", minimum=1),
-            "logprobs": _optional({"type": "boolean", "enum": [False], "description": "Not supported."}),
+            "logprobs": _no_logprobs(),
         }, ("model", "messages")),
         "Completion": reply("text_completion", _object({
             "index": {"type": "integer"}, "text": {"type": "string"},
