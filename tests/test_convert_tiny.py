@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from convert.gguf_info import read_info  # noqa: E402
 from convert.metadata import SourceInfo  # noqa: E402
 from convert.pipeline import convert  # noqa: E402
-from convert.verify import print_table, verify_files  # noqa: E402
+from convert.verify import PROMPTS, print_table, verify_files  # noqa: E402
 from tests.convert_fixtures import (  # noqa: E402
     KINDS, LEADING_SPACE_TEXT, QWEN2_CHAT_TEMPLATE, TOKENIZE_TEXTS, build)
 
@@ -38,7 +38,8 @@ def converted(request, tmp_path_factory):
     outtypes = [*NMSE_LIMITS, *(["bf16"] if kind.dtype == "bfloat16" else [])]
     paths = {t: convert(SourceInfo(folder), root / f"{kind.id}-{t}.gguf", t).path for t in outtypes}
     # One thread: these models are tiny, and a second spinning thread only loses on a busy machine.
-    report = verify_files(list(paths.values()), hf_source=SourceInfo(folder), greedy_tokens=8, threads=1)
+    report = verify_files(list(paths.values()), hf_source=SourceInfo(folder), greedy_tokens=8, threads=1,
+                          prompts=[PROMPTS[1], PROMPTS[2]])  # one Spanish, one English
     print_table(report, sys.stdout)
     return kind, folder, paths, report
 
