@@ -29,6 +29,25 @@ log = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter applied on top of the base model."""
+
+    path: Path
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named combination from MODEL_PATH/presets.toml: base model + adapters + scales."""
+
+    name: str
+    base: str
+    lora: tuple[str, ...] = ()
+    scale: tuple[float, ...] = (1.0,)
+
+
 @dataclass(eq=False)
 class LoadedModel:
     """A loaded llama.cpp model, the batch engine driving its context, and what is known about it."""
@@ -38,6 +57,11 @@ class LoadedModel:
     name: str
     load_seconds: float
     gpu_layers: int = 0  # layers llama.cpp was asked to offload (-1: all)
+    adapters: tuple[Adapter, ...] = ()
+    preset: str | None = None
+
+    def describe_adapters(self) -> list[dict]:
+        return [{"name": a.name, "scale": a.scale} for a in self.adapters]
 
     @property
     def n_ctx(self) -> int:
@@ -124,10 +148,17 @@ class ModelHost:
         """The loaded model if `name` is empty or names it; otherwise load the named model
         (switching the engine to it). Returns the model and the seconds spent loading."""
         current = self._model
-        if not name or current is not None and name.strip().removesuffix(":latest") in model_aliases(current.name):
+        if not name or current is not None and (
+                name.strip().removesuffix(":latest") in model_aliases(current.name) and current.preset is None
+                or current.preset == name.strip().removesuffix(":latest")):
             if current is None:
                 raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
             return current, 0.0
+        preset = self.presets().get(name.strip().removesuffix(":latest"))
+        if preset is not None:
+            base = self.resolve_request_path(preset.base)
+            loaded = self.load(base, self.resolve_adapters(preset.lora, preset.scale), preset=preset.name)
+            return loaded, loaded.load_seconds
         path = self.find_model(name)
         if path is None:
             raise ModelNotFound(f"model '{name}' not found under MODEL_PATH ({self.model_dir}); "
@@ -136,6 +167,49 @@ class ModelHost:
             return current, 0.0
         loaded = self.load(path)
         return loaded, loaded.load_seconds
+
+    def resolve_adapters(self, names, scales) -> tuple[Adapter, ...]:
+        """LoRA adapter files under MODEL_PATH (same rules as models), with their scales."""
+        names = [n.strip() for n in names if n and n.strip()]
+        scales = list(scales) or [1.0]
+        if len(scales) == 1:
+            scales = scales * len(names)
+        if len(scales) != len(names):
+            raise ModelRefused(f"{len(scales)} LoRA scales for {len(names)} adapters", field="lora_scale")
+        return tuple(Adapter(path := self.resolve_request_path(n), self.display_name(path), float(sc))
+                     for n, sc in zip(names, scales))
+
+    def startup_adapters(self) -> tuple[Adapter, ...]:
+        s = self.settings
+        names = [n for n in s.lora.split(",") if n.strip()]
+        paths = []
+        for n in names:  # like MODEL: a name under MODEL_PATH, or a path chosen by the operator
+            p = Path(n.strip()).expanduser()
+            paths.append(p if p.is_absolute() else self.model_dir / p)
+        scales = [float(x) for x in s.lora_scale.split(",") if x.strip()] or [1.0]
+        if len(scales) == 1:
+            scales = scales * len(paths)
+        return tuple(Adapter(p, self.display_name(p), sc) for p, sc in zip(paths, scales))
+
+    def presets(self) -> dict[str, Preset]:
+        """Named base + adapter combinations from MODEL_PATH/presets.toml (none if absent)."""
+        path = self.model_dir / "presets.toml"
+        if not path.is_file():
+            return {}
+        import tomllib
+
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            log.warning("ignoring %s: %s", path, exc)
+            return {}
+        out = {}
+        for name, p in data.get("presets", {}).items():
+            lora = p.get("lora", ())
+            scale = p.get("scale", 1.0)
+            out[name] = Preset(name=name, base=p["base"], lora=tuple([lora] if isinstance(lora, str) else lora),
+                               scale=tuple(scale if isinstance(scale, list) else [scale]))
+        return out
 
     def list_models(self) -> list[str]:
         """GGUF files under MODEL_PATH, as paths relative to it (hidden and partial files skipped)."""
@@ -151,14 +225,17 @@ class ModelHost:
         return sorted(names)
 
     # -- loading --------------------------------------------------------------------------
-    def load(self, path: Path) -> LoadedModel:
-        """Load `path` and make it the current model; the previous one is closed afterwards."""
+    def load(self, path: Path, adapters: tuple[Adapter, ...] = (), preset: str | None = None) -> LoadedModel:
+        """Load `path` (with LoRA `adapters`) and make it the current model; the previous one
+        finishes what it accepted and is closed afterwards."""
         check_gguf_file(path)
+        for adapter in adapters:
+            check_gguf_file(adapter.path)
         with self._load_lock:
             self.loading = True
             self.metrics.model_loaded.set(0)
             try:
-                new = self._build(path)
+                new = self._build(path, adapters, preset)
                 old, self._model = self._model, new
             finally:
                 self.loading = False
@@ -171,7 +248,7 @@ class ModelHost:
                                new.load_seconds)
         return new
 
-    def _build(self, path: Path) -> LoadedModel:
+    def _build(self, path: Path, adapters: tuple[Adapter, ...] = (), preset: str | None = None) -> LoadedModel:
         s = self.settings
         # An explicit N_GPU_LAYERS without a usable GPU is a settings error (not a load error).
         n_gpu, _plan, message = resolve_gpu_layers(s.n_gpu_layers, path, s.n_ctx, n_batch=s.n_batch,
@@ -183,7 +260,7 @@ class ModelHost:
                 path, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch, n_threads=s.n_threads,
                 n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu, flash_attn=s.flash_attn,
                 kv_type=KV_CACHE_TYPES[s.kv_cache_type], cache_bytes=s.cache_ram_mb << 20,
-                max_queue=s.max_queue, metrics=self.metrics)
+                max_queue=s.max_queue, metrics=self.metrics, adapters=[(a.path, a.scale) for a in adapters])
         except Exception as exc:  # llama-cpp-python raises ValueError with little detail
             size = path.stat().st_size if path.exists() else 0
             raise ModelLoadError(
@@ -192,8 +269,10 @@ class ModelHost:
         seconds = time.perf_counter() - started
         log.info("loaded %s in %.2f s (n_ctx=%d per sequence, n_parallel=%d, threads=%d, gpu_layers=%d)",
                  path.name, seconds, s.n_ctx, s.n_parallel, s.n_threads, n_gpu)
+        if adapters:
+            log.info("LoRA adapters: %s", ", ".join(f"{a.name} (scale {a.scale})" for a in adapters))
         return LoadedModel(engine=engine, path=path, name=self.display_name(path), load_seconds=seconds,
-                           gpu_layers=n_gpu)
+                           gpu_layers=n_gpu, adapters=tuple(adapters), preset=preset)
 
     def display_name(self, path: Path) -> str:
         """A model's name in responses: its path relative to MODEL_PATH, else its file name."""

@@ -99,7 +99,7 @@ class BatchEngine:
 
     def __init__(self, path: Path, *, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int,
                  n_threads_batch: int, n_gpu_layers: int, flash_attn: bool, kv_type: int, cache_bytes: int,
-                 max_queue: int, metrics=None) -> None:
+                 max_queue: int, metrics=None, adapters: list[tuple[Path, float]] = ()) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -124,6 +124,14 @@ class BatchEngine:
             self.model.close()
             raise
         self.ctx = self.context.ctx
+        self._adapters = []
+        try:
+            self._apply_adapters(adapters)
+        except Exception:
+            self._free_adapters()
+            self.context.close()
+            self.model.close()
+            raise
         self.vocab = self.model.vocab
         self.mem = lib.llama_get_memory(self.ctx)
         self.n_ctx = n_ctx
@@ -211,7 +219,28 @@ class BatchEngine:
         self._thread.join()
         self._lib.llama_batch_free(self._batch)
         self.context.close()
+        self._free_adapters()
         self.model.close()
+
+    def _apply_adapters(self, adapters: list[tuple[Path, float]]) -> None:
+        """Load LoRA adapters (GGUF) for this model and set them, with their scales, on the context."""
+        lib = self._lib
+        for path, _scale in adapters:
+            adapter = lib.llama_adapter_lora_init(self.model.model, str(path).encode("utf-8"))
+            if not adapter:
+                raise EngineError(f"llama.cpp could not load the LoRA adapter {path.name}: not a LoRA GGUF, or "
+                                  "made for another base model")
+            self._adapters.append(adapter)
+        if self._adapters:
+            arr = (lib.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
+            scales = (ctypes.c_float * len(self._adapters))(*[scale for _, scale in adapters])
+            if lib.llama_set_adapters_lora(self.ctx, arr, len(self._adapters), scales):
+                raise EngineError("llama.cpp could not apply the LoRA adapters to the context")
+
+    def _free_adapters(self) -> None:
+        for adapter in self._adapters:
+            self._lib.llama_adapter_lora_free(adapter)
+        self._adapters = []
 
     def _report_queue(self) -> None:
         if self.metrics is not None:

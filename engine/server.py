@@ -23,8 +23,11 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format, settings.log_prompts)
     host = ModelHost(settings)
     path = host.startup_model_path()
+    adapters = host.startup_adapters()
     try:
         check_gguf_file(path)  # the quick refusals (missing, not GGUF) before anything listens
+        for adapter in adapters:
+            check_gguf_file(adapter.path)
     except EngineError as exc:
         raise ModelLoadError(f"cannot start: {exc.message}") from exc
     app = create_app(settings, host)
@@ -48,7 +51,7 @@ def serve(settings: Settings) -> int:
     def load() -> None:
         log.info("loading model %s", describe_path(path))
         try:
-            model = host.load(path)
+            model = host.load(path, adapters)
         except EngineError as exc:
             failure.append(f"cannot start: {exc.message}")
             server.close()  # run() returns once nothing is left to serve

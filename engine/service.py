@@ -39,6 +39,7 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
     result: Generation | None = None
     model_name: str = ""
+    adapters: list = field(default_factory=list)  # the LoRA adapters of the model that answered
     fields: dict = field(default_factory=_request_fields)  # the access log's fields of this request
 
 
@@ -60,6 +61,7 @@ class Run:
         if model is None:
             raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
         job.model_name = model.name
+        job.adapters = model.describe_adapters()
         self.model = model
         if job.params.deterministic:
             self._hit = host.responses.get(_response_key(job, model))
@@ -131,7 +133,7 @@ def complete(host: ModelHost, job: Job) -> str:
 
 
 def _response_key(job: Job, model: LoadedModel) -> tuple:
-    return (str(model.path), job.prompt, job.params, job.cache_key)
+    return (str(model.path), model.adapters, job.prompt, job.params, job.cache_key)
 
 
 def stop_key(stop: Sequence[str] | None) -> tuple:

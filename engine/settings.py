@@ -72,6 +72,12 @@ class Settings:
         "MODEL", "Model to load at start-up: a file name under MODEL_PATH or a path. "
         "Empty: the embedded default model (Gemma 3 270M Q4_K_M).", "",
         default_doc="empty (embedded default)")
+    lora: str = _setting(
+        "LORA", "LoRA adapters (GGUF, from `ai-engine convert-lora`) applied on top of the model: "
+        "comma-separated file names under MODEL_PATH or paths. Empty: none.", "", default_doc="empty (none)")
+    lora_scale: str = _setting(
+        "LORA_SCALE", "Scale of each LoRA adapter: one number for all, or one per adapter (comma-separated).",
+        "1.0")
     api_host: str = _setting(
         "API_HOST", "Address to listen on. Use 0.0.0.0 to accept other machines (Docker does).",
         "127.0.0.1")
@@ -150,6 +156,13 @@ class Settings:
         from engine.offload import parse_gpu_layers  # numpy-heavy: only when settings are built
 
         parse_gpu_layers(self.n_gpu_layers)
+        try:
+            scales = [float(x) for x in self.lora_scale.split(",") if x.strip()]
+        except ValueError:
+            raise SettingsError(f"LORA_SCALE must be numbers, got {self.lora_scale!r}", field="LORA_SCALE") from None
+        n_lora = len([x for x in self.lora.split(",") if x.strip()])
+        if n_lora and len(scales) not in (1, n_lora):
+            raise SettingsError(f"LORA_SCALE has {len(scales)} values for {n_lora} adapters", field="LORA_SCALE")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT must be json or text, got {self.log_format!r}", field="LOG_FORMAT")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:

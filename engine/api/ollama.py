@@ -171,8 +171,15 @@ def tags():
             d = gguf_info.describe(path, rel)
         except (OSError, ValueError, gguf_info.GGUFFormatError):
             continue  # a file that is not a readable GGUF is not a model
+        if d.metadata.get("general.type") == "adapter":
+            continue  # LoRA adapters are applied through presets, not run on their own
         models.append({"name": ollama_name(rel), "model": ollama_name(rel), "modified_at": d.modified_at,
                        "size": d.size, "digest": gguf_info.digest(path), "details": _details(d)})
+    for preset in host.presets().values():
+        base = next((m for m in models if m["name"] == ollama_name(preset.base)), None)
+        if base is not None:
+            models.append({**base, "name": preset.name + ":latest", "model": preset.name + ":latest",
+                           "details": {**base["details"], "parent_model": base["name"], "lora": list(preset.lora)}})
     return jsonify(models=models)
 
 

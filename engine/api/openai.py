@@ -39,9 +39,15 @@ def openai_error(exc: EngineError):
 def models():
     """Every GGUF under MODEL_PATH; `id` is what `model` accepts."""
     host = _host()
-    return jsonify(object="list", data=[
-        {"id": rel, "object": "model", "created": int((host.model_dir / rel).stat().st_mtime), "owned_by": "ai-engine"}
-        for rel in host.list_models()])
+    data = [{"id": rel, "object": "model", "created": int((host.model_dir / rel).stat().st_mtime), "owned_by": "ai-engine"}
+            for rel in host.list_models()]
+    data += [{"id": p.name, "object": "model", "created": 0, "owned_by": "ai-engine", "base": p.base,
+              "lora": list(p.lora)} for p in host.presets().values()]
+    current = host.current
+    for entry in data:  # which entry is loaded, and with which adapters
+        if current is not None and (entry["id"] == current.preset or current.preset is None and entry["id"] == current.name):
+            entry["loaded"], entry["active_lora"] = True, current.describe_adapters()
+    return jsonify(object="list", data=data)
 
 
 def _params(body: dict, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:

@@ -20,7 +20,7 @@ def health():
                     busy=model.engine.active >= model.engine.n_parallel)
     if model is not None:
         body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx,
-                    gpu_layers=model.gpu_layers)
+                    gpu_layers=model.gpu_layers, lora=model.describe_adapters(), preset=model.preset)
     return jsonify(body), 200 if host.ready else 503
 
 

@@ -14,7 +14,7 @@ from flask import Blueprint, current_app, jsonify
 
 from engine import service
 from engine.api import validation as v
-from engine.errors import EngineError, ModelLoadError, ModelRefused
+from engine.errors import BadRequest, EngineError, ModelLoadError, ModelRefused
 from engine.generation import SamplingParams
 from engine.patient import reply_text
 
@@ -94,6 +94,8 @@ def _reply_body(job: service.Job) -> dict:
         "finish_reason": result.finish_reason,
         "cached": result.cached,
     }
+    if job.adapters:
+        metadata["lora"] = job.adapters
     if job.fields.get("replica"):  # which replica answered, when several serve one address (Ray Serve)
         metadata["replica"] = job.fields["replica"]
     if not result.text:
@@ -109,22 +111,30 @@ def models():
     host = _host()
     model = host.current
     return jsonify(models=host.list_models(), model_path=str(host.model_dir),
-                   loaded=model.name if model else None)
+                   loaded=model.name if model else None, lora=model.describe_adapters() if model else [],
+                   presets=sorted(host.presets()))
 
 
 @bp.post("/load-model")
 def load_model():
-    """Switch to another GGUF under MODEL_PATH; on any failure the current model stays loaded."""
+    """Switch to another GGUF under MODEL_PATH, optionally with LoRA adapters (`lora`: a file name
+    or a list, `lora_scale`: a number or a list); on any failure the current model stays loaded."""
     body = v.json_body()
     name = v.string(body, "model_name", required=True)
     folder = v.string(body, "model_path")
+    lora = v.string_list(body, "lora") or []
+    scale = body.get("lora_scale", 1.0)
+    scales = scale if isinstance(scale, list) else [scale]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 10 for x in scales):
+        raise BadRequest("'lora_scale' must be a number between 0 and 10, or a list of them", field="lora_scale")
     host = _host()
     path = host.resolve_request_path(name, folder)
+    adapters = host.resolve_adapters(lora, scales)
     try:
-        loaded = host.load(path)
+        loaded = host.load(path, adapters)
     except (ModelRefused, ModelLoadError) as exc:
         current = host.current
         keep = f"; still serving {current.name}" if current else ""
         raise type(exc)(exc.message + keep, field="model_name") from exc
-    return jsonify(status="success", model_name=loaded.name,
+    return jsonify(status="success", model_name=loaded.name, lora=loaded.describe_adapters(),
                    message=f"model {loaded.name} loaded in {loaded.load_seconds:.2f} s")
