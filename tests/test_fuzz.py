@@ -78,7 +78,8 @@ LENGTH_FIELDS = {"/generate": "max_length", "/api/generate": "num_predict", "/ap
 LENGTH_CAP = 16
 
 
-def cap_unset_length(case) -> None:
+def cap_unset_length(case: schemathesis.Case) -> None:
+    """Give a request without a length the small cap (schemathesis re-judges the changed body)."""
     name = LENGTH_FIELDS.get(case.operation.path)
     if name is None or not isinstance(case.body, dict):
         return
@@ -93,13 +94,18 @@ def cap_unset_length(case) -> None:
 
 
 @schema.parametrize()
+# No deadline: a valid request really generates. No example database: nothing written to the repo.
+# Health checks off: schemas with patterns and anyOf make Hypothesis filter many draws, which is fine.
 @settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
-def test_fuzz(case, fuzz_server: Server):
+def test_fuzz(case: schemathesis.Case, fuzz_server: Server):
+    """One operation: its generated requests must get documented answers, never a 5xx."""
     cap_unset_length(case)
     case.call_and_validate(base_url=fuzz_server.url)
 
 
 def test_engine_healthy_after_fuzzing(fuzz_server: Server):
+    """Still up, ready and answering normally; no unhandled error logged; the document it serves
+    is the one fuzzed."""
     assert fuzz_server.process.poll() is None, fuzz_server.log()
     health = requests.get(fuzz_server.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["ready"], health.text
