@@ -26,11 +26,9 @@ import dataclasses
 import io
 import logging
 import math
-import mmap
 import os
 import platform
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import gguf
 
 from engine.errors import ModelRefused, SettingsError
+from engine.gguf_info import GGUFFormatError, read_header
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +86,6 @@ class GpuUnavailableError(SettingsError):
 
 # -- reading a GGUF file's layout ---------------------------------------------------------------
 
-_SCALAR_FORMATS = {
-    gguf.GGUFValueType.UINT8: "<B", gguf.GGUFValueType.INT8: "<b",
-    gguf.GGUFValueType.UINT16: "<H", gguf.GGUFValueType.INT16: "<h",
-    gguf.GGUFValueType.UINT32: "<I", gguf.GGUFValueType.INT32: "<i",
-    gguf.GGUFValueType.FLOAT32: "<f", gguf.GGUFValueType.BOOL: "<?",
-    gguf.GGUFValueType.UINT64: "<Q", gguf.GGUFValueType.INT64: "<q",
-    gguf.GGUFValueType.FLOAT64: "<d",
-}
-_MAX_KEPT_ARRAY = 4096  # per-layer arrays are kept; vocabularies (262k strings) are skipped
-
-
 @dataclasses.dataclass(frozen=True)
 class GgufLayout:
     """What the planner needs from a GGUF file: metadata (small values) and tensor sizes."""
@@ -107,71 +95,12 @@ class GgufLayout:
 
 
 def read_gguf_layout(path: Path) -> GgufLayout:
-    """Read a GGUF file's metadata and tensor table without touching the tensor data.
-
-    `gguf.GGUFReader` builds a numpy view for every element of every array, which takes over
-    10 s on the default model's 262k-token vocabulary; this walks the header once, skipping large
-    arrays, and takes milliseconds. Type tables come from the `gguf` package.
-    """
+    """A GGUF file's metadata and tensor table, without touching the tensor data."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _parse_layout(mm)
-    except (struct.error, ValueError, KeyError, OverflowError, OSError) as exc:
+        header = read_header(Path(path))
+    except (GGUFFormatError, OSError) as exc:
         raise ModelRefused(f"{Path(path).name} is not a readable GGUF file: {exc}") from exc
-
-
-def _parse_layout(buf: mmap.mmap) -> GgufLayout:
-    magic, version = struct.unpack_from("<II", buf, 0)
-    if magic != gguf.GGUF_MAGIC:
-        raise ValueError("no GGUF magic bytes")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version}")
-    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    off = 24
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, off = _read_string(buf, off)
-        (vtype,), off = struct.unpack_from("<I", buf, off), off + 4
-        metadata[key], off = _read_value(buf, off, gguf.GGUFValueType(vtype))
-    tensors: dict[str, tuple[tuple[int, ...], int]] = {}
-    for _ in range(n_tensors):
-        name, off = _read_string(buf, off)
-        (n_dims,), off = struct.unpack_from("<I", buf, off), off + 4
-        shape = struct.unpack_from(f"<{n_dims}Q", buf, off)
-        off += 8 * n_dims
-        qtype, _data_offset = struct.unpack_from("<IQ", buf, off)
-        off += 12
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(qtype)]
-        tensors[name] = (tuple(shape), math.prod(shape) // block * type_size)
-    return GgufLayout(metadata, tensors)
-
-
-def _read_string(buf: mmap.mmap, off: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", buf, off)
-    return bytes(buf[off + 8:off + 8 + n]).decode("utf-8", errors="replace"), off + 8 + n
-
-
-def _read_value(buf: mmap.mmap, off: int, vtype: gguf.GGUFValueType) -> tuple[Any, int]:
-    if vtype == gguf.GGUFValueType.STRING:
-        return _read_string(buf, off)
-    if vtype != gguf.GGUFValueType.ARRAY:
-        fmt = _SCALAR_FORMATS[vtype]
-        return struct.unpack_from(fmt, buf, off)[0], off + struct.calcsize(fmt)
-    etype, count = struct.unpack_from("<IQ", buf, off)
-    off += 12
-    etype = gguf.GGUFValueType(etype)
-    if etype in _SCALAR_FORMATS:
-        size = struct.calcsize(_SCALAR_FORMATS[etype])
-        if count > _MAX_KEPT_ARRAY:
-            return None, off + size * count
-        values = struct.unpack_from("<" + _SCALAR_FORMATS[etype][1] * count, buf, off)
-        return list(values), off + size * count
-    items = []
-    for _ in range(count):  # arrays of strings (vocabularies) or nested arrays
-        item, off = _read_value(buf, off, etype)
-        if count <= _MAX_KEPT_ARRAY:
-            items.append(item)
-    return (items if count <= _MAX_KEPT_ARRAY else None), off
+    return GgufLayout(header.metadata, {name: (t.shape, t.nbytes) for name, t in header.tensors.items()})
 
 
 # -- the model's shape ----------------------------------------------------------------------------
