@@ -22,7 +22,7 @@ OUTTYPE_CHOICES = ("f32", "f16", "bf16", "q8_0")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `convert`, `quantize` and `verify` (each sets `func`, returning an exit status)."""
+    """Register `convert`, `quantize`, `verify`, `convert-lora` and `finetune` (each sets `func`)."""
     from convert.quantize import NEEDS_IMATRIX, QUANT_TYPES
 
     usable = ", ".join(t for t in QUANT_TYPES if t not in NEEDS_IMATRIX)
@@ -68,6 +68,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                      help="reference for KL (default: the first f32/f16/bf16 file given)")
     ver.add_argument("--json", type=Path, metavar="PATH", help="also write the whole table here")
     ver.set_defaults(func=_verify_cmd)
+    _add_lora_commands(sub)
+
+
+def _add_lora_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `convert-lora` and `finetune` (LoRA training needs the `train` extra)."""
+    lora = sub.add_parser(
+        "convert-lora", help="convert a PEFT LoRA adapter to a GGUF adapter for llama.cpp",
+        description="Convert a PEFT LoRA adapter folder (adapter_config.json + "
+                    "adapter_model.safetensors) to a GGUF LoRA adapter, with the same tensor names "
+                    "and transforms as `ai-engine convert` of BASE. The adapter then applies to "
+                    "any conversion or quantization of that base.")
+    lora.add_argument("adapter", type=Path, metavar="ADAPTER_DIR", help="PEFT adapter folder")
+    lora.add_argument("--base", required=True, type=Path, metavar="BASE_HF_DIR",
+                      help="the Hugging Face checkpoint folder the adapter was trained on")
+    lora.add_argument("-o", "--output", required=True, type=Path, metavar="ADAPTER.gguf",
+                      help="output GGUF adapter (written atomically, with .sha256 and .manifest.json)")
+    lora.add_argument("--outtype", choices=OUTTYPE_CHOICES, default="f16",
+                      help="type of the adapter matrices (default f16)")
+    lora.add_argument("--name", help="general.name (default: the adapter folder's name)")
+    lora.set_defaults(func=_convert_lora_cmd)
+
+    from convert.finetune import add_arguments
+
+    tune = sub.add_parser(
+        "finetune", help="train a LoRA adapter on prompt/completion pairs or patient cases",
+        description="LoRA fine-tuning of a Hugging Face checkpoint on CPU or GPU (needs the train "
+                    "extra: pip install .[train]). DATA is a JSONL file of {\"prompt\", \"completion\"} "
+                    "lines or a JSON file of patient cases (tests/data/patient_cases.json format: "
+                    "every Paciente turn becomes a completion of the transcript before it). Loss "
+                    "is computed on completion tokens only. Writes a PEFT adapter folder and "
+                    "OUT/finetune_report.json; convert the adapter with `ai-engine convert-lora`.")
+    add_arguments(tune)
+    tune.set_defaults(func=_finetune_cmd)
 
 
 @contextlib.contextmanager
@@ -147,3 +180,32 @@ def _verify_cmd(args: argparse.Namespace) -> int:
     report = verify_files(args.files, hf_source=source, reference=args.reference, json_path=args.json)
     print_table(report, sys.stdout)
     return 0
+
+
+def _convert_lora_cmd(args: argparse.Namespace) -> int:
+    _quiet_gguf_writer()
+    from convert.lora import convert_lora
+
+    if args.output.suffix != ".gguf":
+        raise ConvertError(f"the output name must end in .gguf: {args.output}")
+    with _terminate_as_exception():
+        result = convert_lora(args.adapter, args.base, args.output, args.outtype, name=args.name)
+    m = result.manifest
+    print(f"{result.path} ({m['size_bytes'] / 1e6:.2f} MB, {args.outtype}, {m['tensors'] // 2} "
+          f"LoRA pairs, alpha {m['lora_alpha']:g}, {result.seconds:.1f} s)")
+    return 0
+
+
+def _finetune_cmd(args: argparse.Namespace) -> int:
+    from convert.finetune import run_from_args
+
+    with _terminate_as_exception():
+        report = run_from_args(args)
+    print(f"{report['adapter_dir']}: {report['steps']} steps, held-out loss "
+          f"{_fmt_loss(report['heldout_loss_before'])} → {_fmt_loss(report['heldout_loss_after'])} "
+          f"({report['seconds']:.0f} s); report in {report['report_path']}")
+    return 0
+
+
+def _fmt_loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
