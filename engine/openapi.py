@@ -107,6 +107,11 @@ def _object(properties: dict[str, Schema], required: tuple[str, ...] = (), **ext
     return schema
 
 
+def _adapters(description: str = "LoRA adapters applied to the loaded model, with their scales.") -> Schema:
+    return {"type": "array", "description": description, "items": _object(
+        {"name": {"type": "string"}, "scale": {"type": "number"}}, ("name", "scale"))}
+
+
 # -- responses -------------------------------------------------------------------------------------
 ERROR_REASONS = {
     "400": "Bad request: the message names the field (missing, wrong type, out of range, a prompt that "
@@ -171,6 +176,10 @@ GENERATION_ERRORS = (400, 401, 413, 503, 504)
 
 
 # -- the simulator's contract ----------------------------------------------------------------------
+def _lora_scale() -> Schema:
+    return {"type": "number", "minimum": 0, "maximum": 10}
+
+
 def _simulator_schemas() -> dict[str, Schema]:
     d = SIMULATOR_DEFAULTS
     return {
@@ -211,6 +220,8 @@ def _simulator_schemas() -> dict[str, Schema]:
             "finish_reason": {"type": "string", "enum": ["stop", "eos", "length"]},
             "cached": {"type": "boolean", "description": "Answered from the response cache."},
             "warning": {"type": "string", "description": "Present when the model produced no reply text."},
+            "lora": _adapters("Present when LoRA adapters are applied."),
+            "replica": {"type": "string", "description": "Which replica answered (when several serve one address)."},
         }, ("modelo", "tokens", "temperature"), description="Fields are only ever added, never removed."),
         "Health": _object({
             "status": {"type": "string", "enum": ["ok", "loading"], "description": "`ok` when ready."},
@@ -224,21 +235,30 @@ def _simulator_schemas() -> dict[str, Schema]:
             "model_file": {"type": "string"},
             "n_ctx": {"type": "integer"},
             "gpu_layers": {"type": "integer"},
+            "lora": _adapters(),
+            "preset": {"type": "string", "nullable": True, "description": "The preset loaded (presets.toml)."},
         }, ("status", "model_loaded", "model_path")),
         "ModelList": _object({
             "models": {"type": "array", "items": {"type": "string"},
                        "description": "GGUF files under MODEL_PATH, relative to it."},
             "model_path": {"type": "string"},
             "loaded": {"type": "string", "nullable": True},
+            "lora": _adapters(),
+            "presets": {"type": "array", "items": {"type": "string"},
+                        "description": "Names of the presets in MODEL_PATH/presets.toml."},
         }, ("models", "model_path")),
         "LoadModelRequest": _object({
             "model_name": _text("A GGUF file under MODEL_PATH (or under `model_path`)."),
             "model_path": _optional(_text("A folder under MODEL_PATH holding `model_name`, or a file under it.")),
+            "lora": _stop(16, "LoRA adapter GGUF files under MODEL_PATH to apply (a name or a list)."),
+            "lora_scale": {"description": "One scale for every adapter, or one per adapter.", "default": 1.0,
+                           "anyOf": [_lora_scale(), {"type": "array", "items": _lora_scale()}]},
         }, ("model_name",)),
         "LoadModelReply": _object({
             "status": {"type": "string", "enum": ["success"]},
             "message": {"type": "string"},
             "model_name": {"type": "string"},
+            "lora": _adapters(),
         }, ("status", "message", "model_name")),
     }
 
@@ -264,7 +284,8 @@ def _simulator_paths() -> dict:
             "responses": {**_ok(_ref("ModelList"), "The files and the loaded one."), **_errors(401)}}},
         "/load-model": {"post": {
             "tags": ["simulator"], "operationId": "loadModel",
-            "summary": "Switch to another GGUF under MODEL_PATH; on any failure the current model stays.",
+            "summary": "Switch to another GGUF under MODEL_PATH, optionally with LoRA adapters; on any "
+                       "failure the current model stays.",
             "requestBody": _body(_ref("LoadModelRequest")),
             "responses": {**_ok(_ref("LoadModelReply"), "Loaded."),
                           **_errors(400, 401, 404, 413, 422)}}},
@@ -332,6 +353,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "parent_model": {"type": "string"}, "format": {"type": "string"}, "family": {"type": "string"},
             "families": {"type": "array", "items": {"type": "string"}},
             "parameter_size": {"type": "string"}, "quantization_level": {"type": "string"},
+            "lora": {"type": "array", "items": {"type": "string"}, "description": "A preset's adapters."},
         }, ("format", "family", "parameter_size", "quantization_level")),
         "OllamaTags": _object({"models": {"type": "array", "items": _object({
             "name": {"type": "string"}, "model": {"type": "string"},
@@ -489,6 +511,10 @@ def _openai_schemas() -> dict[str, Schema]:
             "data": {"type": "array", "items": _object({
                 "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
                 "created": {"type": "integer"}, "owned_by": {"type": "string"},
+                "base": {"type": "string", "description": "A preset's base model."},
+                "lora": {"type": "array", "items": {"type": "string"}, "description": "A preset's adapters."},
+                "loaded": {"type": "boolean", "description": "Present (true) on the loaded entry."},
+                "active_lora": _adapters(),
             }, ("id", "object", "created", "owned_by"))},
         }, ("object", "data")),
     }

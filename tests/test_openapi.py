@@ -124,6 +124,8 @@ REQUESTS = [
     ("post", "/generate", {"prompt": PATIENT, "max_length": 0}, 400),
     ("post", "/load-model", {"model_name": "no-such-model.gguf"}, 404),
     ("post", "/load-model", {"model_name": "../elsewhere.gguf"}, 400),
+    ("post", "/load-model", {"model_name": MODEL, "lora_scale": 11}, 400),
+    ("post", "/load-model", {"model_name": MODEL, "lora": "no-such-adapter.gguf"}, 404),
     ("get", "/api/tags", None, 200),
     ("get", "/api/version", None, 200),
     ("post", "/api/show", {"model": "gemma-3-270m-q4_k_m"}, 200),
