@@ -1,6 +1,6 @@
 """LoRA: PEFT adapters converted to GGUF match transformers with the adapter merged; finetune trains.
 
-A tiny Llama (Q/K permutation, untied lm_head) and a tiny Gemma (1 + w norms, tied embeddings) get
+Tiny Llama (Q/K permutation, untied lm_head), Gemma, Gemma 2, Gemma 3 and Qwen2 checkpoints get
 a PEFT adapter with random non-zero A and B on every attention and MLP projection. The base is
 converted to f32 and the adapter with `convert-lora`; llama.cpp with the adapter must match the
 merged model (last-token logit NMSE < 1e-4), and without it the base. The adapter is applied both
@@ -28,7 +28,11 @@ from tests.convert_fixtures import KINDS, build, numpy_llama, write_safetensors
 DATA = Path(__file__).parent / "data"
 NMSE_LIMIT = 1e-4
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA_KINDS = {"llama2-spm": ATTN_MLP + ["lm_head"], "gemma": ATTN_MLP}
+# Llama (Q/K permutation, untied lm_head), Gemma 1/2/3 (1 + w norms, tied embeddings), Qwen2 (biases).
+LORA_KINDS = {"llama2-spm": ATTN_MLP + ["lm_head"], "gemma": ATTN_MLP, "gemma2": ATTN_MLP,
+              "gemma3": ATTN_MLP, "qwen2": ATTN_MLP}
+GGUF_ARCH = {"llama2-spm": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
+             "qwen2": "qwen2"}
 
 
 def _llama(path: Path, lora: Path | None = None) -> Any:
@@ -101,13 +105,15 @@ def test_adapter_metadata(adapted):
     meta = info.metadata
     assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
     assert meta["adapter.lora.alpha"] == pytest.approx(8.0)
-    assert meta["general.architecture"] == {"llama2-spm": "llama", "gemma": "gemma"}[adapted["kid"]]
+    assert meta["general.architecture"] == GGUF_ARCH[adapted["kid"]]
+    config = json.loads((adapted["folder"] / "config.json").read_text())
+    q_rows = config["num_attention_heads"] * (config.get("head_dim") or 16)
     shapes = info.tensor_shapes
     # numpy order as llama.cpp's convert_lora_to_gguf.py writes it: lora_a [rank, in], lora_b [out, rank]
     assert tuple(shapes["blk.0.ffn_down.weight.lora_a"]) == (4, 128)
     assert tuple(shapes["blk.0.ffn_down.weight.lora_b"]) == (64, 4)
-    assert tuple(shapes["blk.1.attn_q.weight.lora_b"]) == (4 * (32 if adapted["kid"] == "gemma" else 16), 4)
-    assert len(shapes) == 2 * 2 * 7 + (2 if adapted["kid"] == "llama2-spm" else 0)
+    assert tuple(shapes["blk.1.attn_q.weight.lora_b"]) == (q_rows, 4)
+    assert len(shapes) == 2 * 7 * config["num_hidden_layers"] + (2 if adapted["kid"] == "llama2-spm" else 0)
 
 
 def test_lora_path_matches_merged_transformers(adapted):
