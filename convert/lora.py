@@ -132,6 +132,8 @@ def _drop_base_copies(tensors: dict[str, TensorSource], base: dict[str, TensorSo
     copies = {n: m["module"] for n in tensors if ".lora_" not in n and (m := _BASE_COPY.match(n))}
     for name, module in copies.items():
         original = base.get(module + ".weight")
+        if original is None and module == "lm_head":  # tied: the head is the embeddings
+            original = base.get("model.embed_tokens.weight")
         copy = tensors.pop(name)
         if (original is None or original.shape != copy.shape
                 or not np.array_equal(original.read(), copy.read())):
@@ -176,6 +178,10 @@ def lora_plan(arch_plan: list[OutTensor], name_map: gguf.TensorNameMap, n_layers
         if (m := _BLOCK.search(module)) and int(m.group(1)) >= n_layers:
             raise LoraError(f"adapter module {module} is in layer {m.group(1)} but the base model has "
                             f"{n_layers} layers: the adapter was trained on another base model")
+        if module.endswith("lm_head") and (name is None or name not in base):
+            raise LoraError(f"target module {module}: this {arch_name} ties the output head to the "
+                            "embeddings (llama.cpp has no separate output tensor for it), so it "
+                            "cannot take a LoRA; leave lm_head out of target_modules")
         if name is None:
             raise LoraError(f"target module {module} has no GGUF counterpart for {arch_name}; "
                             "leave it out of target_modules")

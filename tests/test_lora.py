@@ -158,13 +158,18 @@ def test_low_level_adapter_switching(adapted):
 
 
 def test_gemma_tied_lm_head_refused(checkpoints, tmp_path):
-    adapter = _np_adapter(tmp_path / "a", {"lm_head": (64, _vocab(checkpoints["gemma"]))})
-    code, err = _cli(adapter, checkpoints["gemma"], tmp_path / "a.gguf")
-    assert code == 2 and "lm_head" in err and "target_modules" in err
+    """A real PEFT adapter on Gemma's tied lm_head (PEFT also saves the head's weights)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-
-def _vocab(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["vocab_size"]
+    folder = checkpoints["gemma"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "lm_head"])).save_pretrained(
+        tmp_path / "a")
+    code, err = _cli(tmp_path / "a", folder, tmp_path / "a.gguf")
+    assert code == 2 and "ties the output head" in err and "target_modules" in err, err
 
 
 # --- refusals, on numpy-built adapters ---------------------------------------------------------
