@@ -20,3 +20,12 @@ class RequestTimeout(EngineError):
     """The request's deadline (REQUEST_TIMEOUT_S) passed while it waited or generated."""
 
     status = 504
+
+
+class Unavailable(EngineError):
+    """The model is being replaced: retry in a moment."""
+
+    status = 503
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})

@@ -95,6 +95,11 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
         return response
 
 
+def http_error_headers(exc: HTTPException) -> dict[str, str]:
+    """Werkzeug's own headers for an HTTP error (a 405's Allow), without its HTML content type."""
+    return {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+
+
 def _authorized(key: str) -> bool:
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
@@ -123,7 +128,7 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code
+        return jsonify(error=f"{exc.name}: {exc.description}"), exc.code, http_error_headers(exc)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

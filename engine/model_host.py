@@ -123,6 +123,8 @@ class ModelHost:
         base = Path(model_path).expanduser() if model_path else self.model_dir
         if not base.is_absolute():
             base = self.model_dir / base
+        if "\x00" in model_name or (model_path and "\x00" in model_path):
+            raise ModelRefused("model names and paths cannot contain NUL characters", field="model_name")
         target = base / model_name if (not model_path or base.is_dir()) and model_name else base
         resolved = target.resolve()
         if resolved != self.model_dir and self.model_dir not in resolved.parents:

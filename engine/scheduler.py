@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from engine.admission import QueueFull, RequestTimeout
+from engine.admission import QueueFull, RequestTimeout, Unavailable
 from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
 from engine.prompt_cache import ConversationCache, common_prefix
@@ -201,7 +201,7 @@ class BatchEngine:
         seq = Sequence(tokens=tokens, params=params, reply=reply, started=started, deadline=deadline)
         with self._cond:
             if self._stopping:
-                raise EngineError("the engine is switching models; retry", headers={"Retry-After": "1"})
+                raise Unavailable("the engine is switching models; retry in a moment")
             if self.waiting >= self.max_queue:
                 retry = max(1, round(self._recent_s * (self.waiting + 1) / (2 * self.n_parallel)))
                 raise QueueFull(f"the engine is busy: {self.waiting} requests are already waiting "
@@ -265,18 +265,16 @@ class BatchEngine:
 
     def _admit(self) -> None:
         now = time.perf_counter()
-        with self._cond:
+        with self._cond:  # placed under the lock, so `waiting` never undercounts for submit()
             free = sum(s.seq is None for s in self.slots)
-            ready = []
             for seq in list(self._pending):
                 if seq.cancelled or now > seq.deadline:
                     self._pending.remove(seq)
                     self._fail_waiting(seq, now)
-                elif len(ready) < free:
+                elif free > 0:
                     self._pending.remove(seq)
-                    ready.append(seq)
-        for seq in ready:
-            self._place(seq)
+                    self._place(seq)
+                    free -= 1
         self._report_queue()
 
     def _fail_waiting(self, seq: Sequence, now: float) -> None:

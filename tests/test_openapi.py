@@ -143,12 +143,9 @@ REQUESTS = [
     ("post", "/v1/completions", {"model": "no-such-model", "prompt": "x"}, 404),
     ("post", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "max_tokens": 8, **QUICK}, 200),
     ("post", "/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logprobs": True}, 400),
-    # Known engine faults, found by fuzzing and probing; strict, so a fix turns them into failures
-    # that say "remove the mark".
-    pytest.param("post", "/load-model", {"model_name": "a\u0000b.gguf"}, 400, marks=pytest.mark.xfail(
-        strict=True, reason="a NUL byte in model_name reaches Path.resolve(): 500 ValueError")),
-    pytest.param("post", "/api/show", {"model": "notes"}, 400, marks=pytest.mark.xfail(
-        strict=True, reason="a .gguf under MODEL_PATH that is not GGUF: GGUFFormatError is a 500")),
+    # Faults found by fuzzing and probing, now fixed.
+    ("post", "/load-model", {"model_name": "a\u0000b.gguf"}, 400),
+    ("post", "/api/show", {"model": "notes"}, 400),
 ]
 
 

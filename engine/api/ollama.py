@@ -197,7 +197,10 @@ def show():
     path = host.find_model(name)
     if path is None:
         return jsonify(error=f"model '{name}' not found"), 404
-    d = gguf_info.describe(path, name)
+    try:
+        d = gguf_info.describe(path, name)
+    except gguf_info.GGUFFormatError as exc:
+        raise BadRequest(f"model '{name}' is not a readable GGUF file: {exc}", field="model") from exc
     template = d.metadata.get("tokenizer.chat_template") or "{{ .Prompt }}"
     parameters = "\n".join(f"{k} {getattr(DEFAULTS, a)}" for k, a in (
         ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("repeat_penalty", "repeat_penalty")))

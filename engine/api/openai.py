@@ -12,6 +12,7 @@ import time
 import uuid
 
 from flask import Blueprint, current_app, jsonify
+from werkzeug.exceptions import HTTPException
 
 from engine import service
 from engine.api import validation as v
@@ -33,6 +34,15 @@ def openai_error(exc: EngineError):
     code = "model_not_found" if exc.status == 404 else None
     return jsonify(error={"message": exc.message, "type": kind, "param": exc.field, "code": code}), exc.status, \
         exc.headers
+
+
+@bp.errorhandler(HTTPException)
+def openai_http_error(exc: HTTPException):
+    """Body too large, bad method and the like, in OpenAI's error shape too."""
+    from engine.app import http_error_headers
+
+    return jsonify(error={"message": f"{exc.name}: {exc.description}", "type": "invalid_request_error",
+                          "param": None, "code": None}), exc.code, http_error_headers(exc)
 
 
 @bp.get("/models")
