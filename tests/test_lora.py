@@ -56,6 +56,23 @@ def _hf_last_logits(model: Any, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0, -1].float().numpy()
 
 
+def random_peft_adapter(folder: Path, out: Path, targets: list[str], seed: int = 1) -> Any:
+    """A PEFT LoRA adapter with random non-zero A and B on `targets`, saved to `out`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    torch.manual_seed(seed)
+    with torch.no_grad():  # large enough to move the logits well away from the base
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1)
+    peft_model.save_pretrained(out)
+    return peft_model
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("torch")
@@ -68,24 +85,15 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=list(LORA_KINDS))
 def adapted(request, checkpoints, tmp_path_factory) -> dict[str, Any]:
     """Base GGUF, adapter GGUF, and transformers' last-token logits with and without the adapter."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kid = request.param
     folder = checkpoints[kid]
     root = tmp_path_factory.mktemp(f"lora-{kid}")
     base_gguf = convert(SourceInfo(folder), root / "base-f32.gguf", "f32").path
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_KINDS[kid],
-                                                  init_lora_weights=False))
-    torch.manual_seed(1)
-    with torch.no_grad():  # non-zero A and B, large enough to move the logits well away from the base
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.1)
-    peft_model.save_pretrained(root / "adapter")
+    peft_model = random_peft_adapter(folder, root / "adapter", LORA_KINDS[kid])
     adapter_gguf = convert_lora(root / "adapter", folder, root / "adapter-f32.gguf", "f32").path
     tok = AutoTokenizer.from_pretrained(folder)
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:2]]
