@@ -37,7 +37,7 @@ from engine.default_model import ensure_default_model  # noqa: E402
 from engine.errors import ModelLoadError, SettingsError  # noqa: E402
 from engine.logs import configure_logging  # noqa: E402
 from engine.model_host import ModelHost, describe_path  # noqa: E402
-from engine.ray_options import RayOptions  # noqa: E402
+from engine.ray_options import RayOptions, engine_capacity  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,9 @@ class EngineReplica:
         log.info("replica %s loading model %s", self.replica_id, describe_path(path))
         self.engine_host.load(path)  # a failure fails the replica's start; Ray reports it and retries
         flask_app = create_app(settings, self.engine_host, replica_id=self.replica_id)
-        self.engine_bridge = WsgiToAsgi(flask_app, threads=settings.server_threads,
-                                        max_body_bytes=settings.max_body_bytes)
+        # A thread for every request Ray may send at once, as SERVER_THREADS is for waitress.
+        threads = max(settings.server_threads, engine_capacity(settings))
+        self.engine_bridge = WsgiToAsgi(flask_app, threads=threads, max_body_bytes=settings.max_body_bytes)
 
     def __serve_build_asgi_app__(self) -> Any:
         return _drop_request_id_header(self.engine_bridge)
