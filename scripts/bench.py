@@ -33,7 +33,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
 from engine.default_model import ensure_default_model  # noqa: E402
@@ -171,7 +170,7 @@ def engine_http(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str,
 def transformers_fp32(model: Path, threads: int, rounds: int) -> dict[str, list[float]] | None:
     try:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         return None
     torch.set_num_threads(threads)
@@ -347,19 +346,63 @@ def interview_part(model: Path, args) -> tuple[list[str], dict]:
     return lines, {"per_turn": {names[k]: v for k, v in per_turn.items()}}
 
 
+def batched_floor(model: Path, threads: int, counts: tuple[int, ...], steps: int = 40) -> dict[int, float]:
+    """llama.cpp's own decode throughput with n sequences per llama_decode (prompts already in the
+    cache, one token per sequence per step): the ceiling for continuous batching on this machine."""
+    import llama_cpp as L
+    from llama_cpp import _internals
+
+    m = _internals.LlamaModel(path_model=str(model), params=L.llama_model_default_params(), verbose=False)
+    p = L.llama_context_default_params()
+    p.n_ctx, p.n_seq_max, p.kv_unified, p.n_batch, p.n_ubatch = 2048 * max(counts), max(counts), False, 512, 512
+    p.n_threads = p.n_threads_batch = threads
+    p.swa_full = True
+    ctx = _internals.LlamaContext(model=m, params=p, verbose=False)
+    b = L.llama_batch_init(512, 0, 1)
+    mem = L.llama_get_memory(ctx.ctx)
+
+    def decode(items):
+        for i, (seq, tok, pos) in enumerate(items):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = tok, pos, 1, seq, True
+        b.n_tokens = len(items)
+        assert L.llama_decode(ctx.ctx, b) == 0
+
+    prompts = [m.tokenize(render_case_prompt(CASES[i % len(CASES)]).encode(), True, True)[:200]
+               for i in range(max(counts))]
+    for seq, pr in enumerate(prompts):
+        for start in range(0, len(pr), 256):
+            decode([(seq, t, start + i) for i, t in enumerate(pr[start:start + 256])])
+    out = {}
+    for n in counts:
+        started = time.perf_counter()
+        for step in range(steps):
+            decode([(seq, 100 + step, len(prompts[seq]) + step) for seq in range(n)])
+        out[n] = steps * n / (time.perf_counter() - started)
+        for seq in range(n):
+            L.llama_memory_seq_rm(mem, seq, len(prompts[seq]), -1)
+    L.llama_batch_free(b)
+    ctx.close()
+    m.close()
+    return out
+
+
 def concurrency_part(model: Path, args) -> tuple[list[str], dict]:
-    result = concurrency(model, args.threads, args.n_ctx, (1, 2, 4, 8), 3, args.n_parallel)
+    counts = (1, 2, 4, 8)
+    floor = batched_floor(model, args.threads, counts)
+    result = concurrency(model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
     one = result[1]["tokens_per_s"]
     lines = [f"Concurrent clients over HTTP (N_PARALLEL={args.n_parallel}; each client sends 3 requests of 64 "
-             "sampled tokens for its own interview):", "",
-             "| clients | aggregate tokens/s | vs 1 client | TTFT p50 | TTFT p95 |", "|---|---|---|---|---|"]
+             "sampled tokens for its own interview, prompts included), beside llama.cpp's own decode "
+             "throughput with the same number of sequences per llama_decode (no prompts, no HTTP):", "",
+             "| clients | aggregate tokens/s | vs 1 client | TTFT p50 | TTFT p95 | llama.cpp batched decode | vs 1 sequence |",
+             "|---|---|---|---|---|---|---|"]
     for n, r in result.items():
         lines.append(f"| {n} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one:.2f}x | {r['p50']:.0f} ms | "
-                     f"{r['p95']:.0f} ms |")
+                     f"{r['p95']:.0f} ms | {floor[n]:.1f} | {floor[n] / floor[1]:.2f}x |")
     lines += ["", "llama-server is not installed here (llama-cpp-python ships no server binary), so its own "
                   "numbers are not in this run; DESIGN.md measured 113 tokens/s for 4 clients (2.3x) on this "
                   "project's machine.", ""]
-    return lines, {str(n): r for n, r in result.items()}
+    return lines, {str(n): {**r, "llama_cpp_floor": floor[n]} for n, r in result.items()}
 
 
 def chart() -> None:
