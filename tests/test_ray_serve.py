@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -59,6 +60,9 @@ def ray_engine(model_dir):
     from engine import ray_serve
 
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    # Ray writes the cluster's address to /tmp/ray whatever temp_dir says; on a fresh machine the
+    # folder does not exist yet.
+    os.makedirs(os.path.join(tempfile.gettempdir(), "ray"), exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         # Ray turns 127.0.0.1 in an address into the machine's network address unless it runs
         # as a single-machine setup; this keeps every Ray process of the test on loopback.
