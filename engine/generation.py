@@ -87,8 +87,9 @@ class ReplyText:
     """
 
     def __init__(self, stops: StopRules, clean: Callable[[str], str] = str.strip,
-                 pending: Callable[[str], bool] = lambda text: False) -> None:
+                 pending: Callable[[str], bool] = lambda text: False, require_text: bool = False) -> None:
         self.stops = stops
+        self.require_text = require_text  # end-of-generation is not accepted before visible text
         self.clean = clean
         self.pending = pending  # True while the start of the text could still be cleaned away
         self.text = ""

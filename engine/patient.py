@@ -49,7 +49,7 @@ def label_pending(text: str) -> bool:
 
 def reply_text(stop: Sequence[str] | None) -> ReplyText:
     """An empty patient reply with the request's stop rules."""
-    return ReplyText(stop_rules(stop), clean=clean_reply, pending=label_pending)
+    return ReplyText(stop_rules(stop), clean=clean_reply, pending=label_pending, require_text=True)
 
 
 def render_case_prompt(case: dict) -> str:

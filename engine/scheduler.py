@@ -368,6 +368,8 @@ class BatchEngine:
     def _sample(self, seq: Sequence, index: int) -> None:
         lib = self._lib
         token = lib.llama_sampler_sample(seq.chain, self.ctx, index)
+        if seq.reply.require_text and lib.llama_vocab_is_eog(self.vocab, token) and not seq.reply.text.strip():
+            token = self._sample_without_end(seq, index, token)
         now = time.perf_counter()
         seq.t_last = now
         seq.t_first = seq.t_first or now
@@ -388,6 +390,21 @@ class BatchEngine:
         stable = seq.reply.stable()
         seq.out.put(stable[len(seq.emitted):])
         seq.emitted = stable
+
+    def _sample_without_end(self, seq: Sequence, index: int, token: int) -> int:
+        """A reply that must say something may not end before its first word: sample again with
+        the end-of-generation tokens banned (a fine-tuned persona can learn to stop at once)."""
+        lib = self._lib
+        banned: list[int] = []
+        while lib.llama_vocab_is_eog(self.vocab, token) and len(banned) < 8:
+            banned.append(token)
+            biases = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(t, -math.inf) for t in banned])
+            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases))
+            lib.llama_sampler_chain_add(chain, self._sampler(seq.params))
+            token = lib.llama_sampler_sample(chain, self.ctx, index)
+            lib.llama_sampler_free(chain)
+        return token
 
     def _finish(self, seq: Sequence, error: BaseException | None = None, finish: str = "") -> None:
         """Take `seq` out of its slot and hand its result (or error) to the waiting request."""
