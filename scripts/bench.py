@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -215,6 +216,17 @@ def interview(model: Path, threads: int, n_ctx: int, cache: bool, n_interviews: 
 
 
 # -- concurrency: continuous batching -------------------------------------------------------------
+def run_concurrently(client, n: int) -> float:
+    """Run client(0..n-1) in n threads at once; the wall time until all are done."""
+    started = time.perf_counter()
+    workers = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - started
+
+
 def concurrency(model: Path, threads: int, n_ctx: int, clients: tuple[int, ...], requests_each: int,
                 n_parallel: int) -> dict[int, dict[str, float]]:
     """Aggregate generated tokens/s and TTFT percentiles with N clients sending /generate at once
@@ -239,15 +251,7 @@ def concurrency(model: Path, threads: int, n_ctx: int, clients: tuple[int, ...],
                     tokens[i] += meta["tokens"]
                     ttfts.append(meta["ttft_ms"])
 
-            import threading
-
-            started = time.perf_counter()
-            workers = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            wall = time.perf_counter() - started
+            wall = run_concurrently(client, n)
             ttfts.sort()
             out[n] = {"tokens_per_s": sum(tokens) / wall, "p50": ttfts[len(ttfts) // 2],
                       "p95": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.95))]}

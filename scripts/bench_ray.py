@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import requests  # noqa: E402
 
@@ -34,6 +35,7 @@ from engine.default_model import ensure_default_model  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 from tests.server_process import free_port, start_server, stop_server  # noqa: E402
+from bench import run_concurrently  # noqa: E402
 
 CASES = json.loads((ROOT / "tests" / "data" / "patient_cases.json").read_text(encoding="utf-8"))["cases"]
 
@@ -69,13 +71,7 @@ def load(url: str, clients: int, seconds: float, max_length: int) -> dict[str, f
                 latencies.append(time.perf_counter() - t0)
                 replicas.add(r.headers.get("X-AI-Engine-Replica", "-"))
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_concurrently(client, clients)
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
     return {"tokens_per_s": sum(tokens) / wall, "requests": len(tokens),
