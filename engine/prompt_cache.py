@@ -49,7 +49,6 @@ class ConversationCache:
         self._next_key = 0
         self._bytes = 0
         self.hits = 0
-        self.misses = 0
 
     @property
     def enabled(self) -> bool:

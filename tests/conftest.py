@@ -15,7 +15,7 @@ import pytest
 
 from engine.default_model import ensure_default_model
 from engine.settings import REPO_ROOT
-from tests.server_process import free_port, start_server, stop_server  # noqa: F401 (re-exported)
+from tests.server_process import start_server, stop_server
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_MODEL = "gemma-3-270m-q4_k_m.gguf"

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, REPO_ROOT, free_port
+from tests.conftest import DEFAULT_MODEL, REPO_ROOT
+from tests.server_process import free_port
 
 
 def run_engine(env_overrides: dict[str, str], *args: str) -> subprocess.CompletedProcess:
