@@ -172,26 +172,24 @@ class ModelHost:
 
     def resolve_adapters(self, names, scales) -> tuple[Adapter, ...]:
         """LoRA adapter files under MODEL_PATH (same rules as models), with their scales."""
-        names = [n.strip() for n in names if n and n.strip()]
-        scales = list(scales) or [1.0]
-        if len(scales) == 1:
-            scales = scales * len(names)
-        if len(scales) != len(names):
-            raise ModelRefused(f"{len(scales)} LoRA scales for {len(names)} adapters", field="lora_scale")
-        return tuple(Adapter(path := self.resolve_request_path(n), self.display_name(path), float(sc))
-                     for n, sc in zip(names, scales))
+        paths = [self.resolve_request_path(n.strip()) for n in names if n and n.strip()]
+        return self._adapters(paths, scales)
 
     def startup_adapters(self) -> tuple[Adapter, ...]:
+        """LORA / LORA_SCALE: like MODEL, a name under MODEL_PATH or a path chosen by the operator."""
         s = self.settings
-        names = [n for n in s.lora.split(",") if n.strip()]
-        paths = []
-        for n in names:  # like MODEL: a name under MODEL_PATH, or a path chosen by the operator
-            p = Path(n.strip()).expanduser()
-            paths.append(p if p.is_absolute() else self.model_dir / p)
-        scales = [float(x) for x in s.lora_scale.split(",") if x.strip()] or [1.0]
+        paths = [Path(n.strip()).expanduser() for n in s.lora.split(",") if n.strip()]
+        paths = [p if p.is_absolute() else self.model_dir / p for p in paths]
+        return self._adapters(paths, [float(x) for x in s.lora_scale.split(",") if x.strip()])
+
+    def _adapters(self, paths: list[Path], scales) -> tuple[Adapter, ...]:
+        """One scale for all adapters, or one each."""
+        scales = list(scales) or [1.0]
         if len(scales) == 1:
             scales = scales * len(paths)
-        return tuple(Adapter(p, self.display_name(p), sc) for p, sc in zip(paths, scales))
+        if len(scales) != len(paths):
+            raise ModelRefused(f"{len(scales)} LoRA scales for {len(paths)} adapters", field="lora_scale")
+        return tuple(Adapter(p, self.display_name(p), float(sc)) for p, sc in zip(paths, scales))
 
     def presets(self) -> dict[str, Preset]:
         """Named base + adapter combinations from MODEL_PATH/presets.toml (none if absent)."""

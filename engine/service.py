@@ -147,7 +147,9 @@ def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]]) -> C
                        eos_token=eos, tokenizer_adds_bos=adds_bos)
 
 
-def plain_reply(stops: Sequence[str]) -> Callable[[], ReplyText]:
-    """Raw model text (no cleaning), ended by `stops`: the Ollama and OpenAI surfaces."""
-    rules_stops = tuple(stops)
-    return lambda: ReplyText(StopRules(strings=rules_stops), clean=lambda text: text)
+def plain_job(prompt: str, params: SamplingParams, stops: Sequence[str], started: float) -> Job:
+    """A job whose reply is the raw model text (no cleaning), ended by `stops`: the Ollama and
+    OpenAI surfaces."""
+    stops = tuple(stops)
+    return Job(prompt=prompt, params=params, started=started, cache_key=("plain", *stops),
+               new_reply=lambda: ReplyText(StopRules(strings=stops), clean=lambda text: text))

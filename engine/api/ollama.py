@@ -137,8 +137,7 @@ def generate():
     elif system and not raw:
         prompt = f"{system}\n\n{prompt}"
     stops = (stop or []) + list(extra_stops)
-    job = service.Job(prompt=prompt, params=params, new_reply=service.plain_reply(stops),
-                      cache_key=("plain", *stops), started=started)
+    job = service.plain_job(prompt, params, stops, started)
     return _respond(job, stream, load_s, lambda text: {"response": text})
 
 
@@ -155,8 +154,7 @@ def chat():
     model, load_s = _host().ensure_model(name)
     prompt = service.chat_prompt_for(model, messages)
     stops = (stop or []) + list(prompt.extra_stops)
-    job = service.Job(prompt=prompt.text, params=params, new_reply=service.plain_reply(stops),
-                      cache_key=("plain", *stops), started=started)
+    job = service.plain_job(prompt.text, params, stops, started)
     return _respond(job, stream, load_s, lambda text: {"message": {"role": "assistant", "content": text}})
 
 

@@ -152,8 +152,7 @@ def completions():
     params, stop = _params(body, default_max_tokens=16)
     stream, include_usage = _stream_flags(body)
     _host().ensure_model(name)
-    job = service.Job(prompt=prompt, params=params, new_reply=service.plain_reply(stop),
-                      cache_key=("plain", *stop), started=started)
+    job = service.plain_job(prompt, params, stop, started)
 
     def choice(text, finish):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -176,8 +175,7 @@ def chat_completions():
     model, _ = _host().ensure_model(name)
     prompt = service.chat_prompt_for(model, messages)
     stops = stop + list(prompt.extra_stops)
-    job = service.Job(prompt=prompt.text, params=params, new_reply=service.plain_reply(stops),
-                      cache_key=("plain", *stops), started=started)
+    job = service.plain_job(prompt.text, params, stops, started)
 
     def choice(text, finish):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
