@@ -15,8 +15,8 @@ from engine.patient import render_case_prompt
 from tests.conftest import DEFAULT_MODEL, _server_fixture
 
 KEY = "s3cret-key"
-LONG = {"prompt": "Estudiante: Contame tu historia completa.\nPaciente:", "max_length": 1500, "stop": [],
-        "temperature": 0.8, "repeat_penalty": 1.0}
+# Counting never reaches an end-of-sequence token: a generation that only its limits can stop.
+LONG = {"prompt": "Números: 1, 2, 3, 4, 5,", "max_length": 1500, "stop": [], "temperature": 0, "repeat_penalty": 1.0}
 
 
 @pytest.fixture(scope="module")
