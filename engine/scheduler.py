@@ -94,11 +94,19 @@ class Slot:
     last_used: float = 0.0
 
 
+def flash_attn_type(setting: str) -> int:
+    """llama.cpp's flash_attn_type for FLASH_ATTN (auto, on or off)."""
+    import llama_cpp as lib
+
+    return {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[setting]
+
+
 class BatchEngine:
     """A loaded model, its context and the scheduler thread that drives it."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int,
-                 n_threads_batch: int, n_gpu_layers: int, flash_attn: bool, kv_type: int, cache_bytes: int,
+                 n_threads_batch: int, n_gpu_layers: int, flash_attn: str, kv_type: int, cache_bytes: int,
                  max_queue: int, metrics=None, adapters: list[tuple[Path, float]] = ()) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -113,8 +121,7 @@ class BatchEngine:
         ctx_params.kv_unified = False  # one KV stream of n_ctx cells per sequence
         ctx_params.n_batch = ctx_params.n_ubatch = min(n_batch, n_ctx)
         ctx_params.n_threads, ctx_params.n_threads_batch = n_threads, n_threads_batch
-        ctx_params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-                                      else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        ctx_params.flash_attn_type = flash_attn_type(flash_attn)
         ctx_params.type_k = ctx_params.type_v = kv_type
         ctx_params.swa_full = True  # lets a sequence drop a suffix of its cache (prefix reuse)
         ctx_params.no_perf = True

@@ -8,7 +8,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 LLAMA_CPP_VERSION="0.3.36"
-WHEEL_CACHE="${AI_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-engine}/wheels"
+CACHE_DIR="${AI_ENGINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ai-engine}"
+WHEEL_CACHE="$CACHE_DIR/wheels"
+LLAMA_SERVER_CACHE="$CACHE_DIR/llama-server"
 
 log() { echo "[ai-engine] $*" >&2; }
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Benchmark the generation core against llama.cpp itself, side by side in one run.
 
-Single request (default model, fixture case, greedy, no repeat penalty, NEW_TOKENS new tokens):
+Single request (default model, greedy, no repeat penalty, NEW_TOKENS new tokens; a fixture case's
+first turn and the same case 30 exchanges later; runners interleaved round by round):
   (a) floor: a bare decode loop on llama-cpp-python's low-level API (llama_decode + a greedy
-      native sampler; what llama.cpp itself does),
+      native sampler; what llama.cpp itself does with the same context settings),
   (b) llama-cpp-python's `Llama.create_completion` (streaming, to time the first token),
   (c) the engine over HTTP (`POST /generate`: decode rate and TTFT as the engine measures them),
       and (c') the same with `stream: true`, timed by the client from each token's event,
   (d) transformers fp32 `generate` on the same weights, when torch and transformers are installed.
+All with the engine's attention setting (`--flash-attn`, default the engine's FLASH_ATTN default).
 Reported: decode tokens/s, prompt tokens/s, time to first token, and (c)/(a), (c)/(b).
 
 Interview: time to first token per turn over a 10-turn interview from the fixtures (the engine's
@@ -23,13 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from datetime import date
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,11 +42,15 @@ sys.path.insert(0, str(ROOT))
 import requests  # noqa: E402
 
 from engine.default_model import ensure_default_model  # noqa: E402
+from engine.generation import SamplingParams  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
-from engine.settings import physical_cores  # noqa: E402
+from engine.scheduler import flash_attn_type  # noqa: E402
+from engine.settings import Settings, physical_cores  # noqa: E402
 from tests.server_process import start_server, stop_server  # noqa: E402
 
 NEW_TOKENS = 128
+CONCURRENT_TOKENS = 64
+FLASH_ATTN = "off"  # every runner's attention setting; main() sets it from --flash-attn
 RESULTS = ROOT / "bench" / "results"
 CASES = json.loads((ROOT / "tests" / "data" / "patient_cases.json").read_text(encoding="utf-8"))["cases"]
 QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
@@ -50,64 +59,103 @@ QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿
              "¿Con quién contás cuando estás mal?", "¿Qué esperás de estas sesiones?"]
 
 
+PATIENT_LINES = ["No sé, me cuesta explicarlo.", "Desde hace unos meses, creo que empezó con lo del trabajo.",
+                 "A veces sí, a veces no. Depende del día.", "Mi hermana me dice que estoy distinta, más callada.",
+                 "Intento no pensar en eso, pero vuelve a la noche.", "Como poco, y me canso enseguida.",
+                 "Me gustaría volver a dormir bien, nada más.", "Un poco nerviosa, la verdad."]
+
+
+def single_prompts() -> dict[str, str]:
+    """The first turn of a fixture case, and the same case late in a long interview (30 more
+    exchanges), where attention over the transcript weighs on every decoded token."""
+    case = CASES[0]
+    late = case["turnos"] + [turn for k in range(30) for turn in (["Paciente", PATIENT_LINES[k % len(PATIENT_LINES)]],
+                                                                   ["Estudiante", QUESTIONS[k % len(QUESTIONS)]])]
+    return {"first turn": render_case_prompt(case), "turn 30": render_case_prompt(dict(case, turnos=late))}
+
+
 def single_prompt() -> str:
-    return render_case_prompt(CASES[0])
+    return single_prompts()["first turn"]
+
+
+class Runner:
+    """One way of generating; `run(prompt)` → (time to first token s, prompt tokens/s, decode tokens/s)."""
+
+    def run(self, prompt: str) -> tuple[float, float, float]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 # -- (a) the floor: a bare low-level loop ---------------------------------------------------
-def bare_loop(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
-    import llama_cpp as L
+class BareLoop(Runner):
+    """llama_decode + a greedy native sampler on a context with the engine's settings."""
 
-    llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    ctx, n_batch = llm.ctx, llm.n_batch
-    tokens = llm.tokenize(single_prompt().encode(), add_bos=True, special=True)
-    batch = L.llama_batch_init(n_batch, 0, 1)
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-    mem = L.llama_get_memory(ctx)
-    out: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
+    def __init__(self, model: Path, threads: int, n_ctx: int, flash_attn: str) -> None:
+        import llama_cpp as L
+        from llama_cpp import _internals
 
-    def decode(toks, pos0):
-        batch.n_tokens = len(toks)
+        self.L = L
+        self.model = _internals.LlamaModel(path_model=str(model), params=L.llama_model_default_params(), verbose=False)
+        p = L.llama_context_default_params()
+        p.n_ctx, p.n_threads, p.n_threads_batch = n_ctx, threads, threads
+        p.flash_attn_type = flash_attn_type(flash_attn)
+        self.ctx = _internals.LlamaContext(model=self.model, params=p, verbose=False)
+        self.n_batch = p.n_batch
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self.chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_greedy())
+
+    def _decode(self, toks, pos0) -> None:
+        b = self.batch
+        b.n_tokens = len(toks)
         for i, t in enumerate(toks):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos0 + i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, i == len(toks) - 1
-        assert L.llama_decode(ctx, batch) == 0
+            b.token[i], b.pos[i], b.n_seq_id[i] = t, pos0 + i, 1
+            b.seq_id[i][0], b.logits[i] = 0, i == len(toks) - 1
+        assert self.L.llama_decode(self.ctx.ctx, b) == 0
 
-    for _ in range(rounds):
-        L.llama_memory_clear(mem, True)
+    def run(self, prompt: str) -> tuple[float, float, float]:
+        L, ctx = self.L, self.ctx.ctx
+        tokens = self.model.tokenize(prompt.encode(), True, True)
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
         started = time.perf_counter()
-        for s in range(0, len(tokens), n_batch):
-            decode(tokens[s:s + n_batch], s)
+        for s in range(0, len(tokens), self.n_batch):
+            self._decode(tokens[s:s + self.n_batch], s)
         prompt_done = time.perf_counter()
         pos = len(tokens)
-        token = L.llama_sampler_sample(chain, ctx, -1)
+        token = L.llama_sampler_sample(self.chain, ctx, -1)
         first = time.perf_counter()
         for _ in range(NEW_TOKENS - 1):
-            decode([token], pos)
+            self._decode([token], pos)
             pos += 1
-            token = L.llama_sampler_sample(chain, ctx, -1)
+            token = L.llama_sampler_sample(self.chain, ctx, -1)
         last = time.perf_counter()
-        out["prompt"].append(len(tokens) / (prompt_done - started))
-        out["ttft"].append(first - started)
-        out["decode"].append((NEW_TOKENS - 1) / (last - first))
-    L.llama_sampler_free(chain)
-    L.llama_batch_free(batch)
-    llm.close()
-    return out
+        return first - started, len(tokens) / (prompt_done - started), (NEW_TOKENS - 1) / (last - first)
+
+    def close(self) -> None:
+        self.L.llama_sampler_free(self.chain)
+        self.L.llama_batch_free(self.batch)
+        self.ctx.close()
+        self.model.close()
 
 
 # -- (b) llama-cpp-python's create_completion -----------------------------------------------
-def create_completion(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, list[float]]:
-    import llama_cpp as L
+class CreateCompletion(Runner):
+    """`Llama(...).create_completion(stream=True)`, cold each time (no reuse of the last prompt)."""
 
-    llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-    prompt = single_prompt()
-    n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
-    out: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
-    for _ in range(rounds):
+    def __init__(self, model: Path, threads: int, n_ctx: int, flash_attn: str) -> None:
+        import llama_cpp as L
+
+        self.L = L
+        self.llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                           flash_attn=flash_attn != "off")
+
+    def run(self, prompt: str) -> tuple[float, float, float]:
+        llm = self.llm
+        n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
         llm.reset()
-        L.llama_memory_clear(L.llama_get_memory(llm.ctx), True)  # cold: no reuse of the last prompt
+        self.L.llama_memory_clear(self.L.llama_get_memory(llm.ctx), True)
         started = time.perf_counter()
         first = last = None
         n = 0
@@ -116,55 +164,76 @@ def create_completion(model: Path, threads: int, n_ctx: int, rounds: int) -> dic
             last = time.perf_counter()
             first = first or last
             n += 1
-        out["ttft"].append(first - started)
-        out["prompt"].append(n_prompt / (first - started))
-        out["decode"].append((n - 1) / (last - first))
-    llm.close()
-    return out
+        return first - started, n_prompt / (first - started), (n - 1) / (last - first)
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 # -- (c) the engine over HTTP -----------------------------------------------------------------
 def engine_env(model: Path, threads: int, n_ctx: int, **extra: str) -> dict[str, str]:
     return {"MODEL_PATH": str(model.parent), "MODEL": model.name, "N_THREADS": str(threads),
             "N_THREADS_BATCH": str(threads), "N_CTX": str(n_ctx), "LOG_LEVEL": "WARNING",
-            "RESPONSE_CACHE_SIZE": "0", **extra}
+            "RESPONSE_CACHE_SIZE": "0", "FLASH_ATTN": FLASH_ATTN, **extra}
 
 
-def engine_http(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, dict[str, list[float]]]:
-    """(c) as the simulator calls it (one JSON reply; decode rate and TTFT as the engine measured
-    them), and streaming (timed by the client from the arrival of each token's event)."""
-    server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
-                          Path(tempfile.gettempdir()) / "ai-engine-bench.log")
-    plain: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
-    streamed: dict[str, list[float]] = {"decode": [], "prompt": [], "ttft": []}
-    body = {"prompt": single_prompt(), "max_length": NEW_TOKENS, "temperature": 0, "repeat_penalty": 1.0,
-            "stop": []}
-    try:
-        for _ in range(rounds):
-            r = requests.post(server.url + "/generate", json=body, timeout=300)
+class EngineHTTP(Runner):
+    """(c) as the simulator calls it: one JSON reply; decode rate and TTFT as the engine measured
+    them. With `stream`, (c'): timed by the client from the arrival of each token's event. The
+    engine runs with its default settings, without its caches (every prompt evaluated in full)."""
+
+    def __init__(self, server, stream: bool) -> None:
+        self.server, self.stream = server, stream
+
+    def run(self, prompt: str) -> tuple[float, float, float]:
+        body = {"prompt": prompt, "max_length": NEW_TOKENS, "temperature": 0, "repeat_penalty": 1.0, "stop": []}
+        if not self.stream:
+            r = requests.post(self.server.url + "/generate", json=body, timeout=300)
             r.raise_for_status()
             meta = r.json()["metadata"]
-            plain["ttft"].append(meta["ttft_ms"] / 1000)
-            plain["prompt"].append(meta["prompt_tokens"] / (meta["ttft_ms"] / 1000))
-            plain["decode"].append(meta["tokens_per_second"])
+            ttft = meta["ttft_ms"] / 1000
+            return ttft, meta["prompt_tokens"] / ttft, meta["tokens_per_second"]
+        started = time.perf_counter()
+        times, last_event = [], b""
+        with requests.post(self.server.url + "/generate", json={**body, "stream": True}, stream=True,
+                           timeout=300) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if line:
+                    times.append(time.perf_counter())
+                    last_event = line
+        meta = json.loads(last_event[len(b"data: "):])["metadata"]
+        first, last = times[0], times[-2]  # the last event is the final reply, not a token
+        return first - started, meta["prompt_tokens"] / (first - started), (meta["tokens"] - 1) / (last - first)
 
-            started = time.perf_counter()
-            times, last_event = [], b""
-            with requests.post(server.url + "/generate", json={**body, "stream": True}, stream=True,
-                               timeout=300) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line:
-                        times.append(time.perf_counter())
-                        last_event = line
-            meta = json.loads(last_event[len(b"data: "):])["metadata"]
-            first, last = times[0], times[-2]  # the last event is the final reply, not a token
-            streamed["ttft"].append(first - started)
-            streamed["prompt"].append(meta["prompt_tokens"] / (first - started))
-            streamed["decode"].append((meta["tokens"] - 1) / (last - first))
+
+def single_runs(model: Path, threads: int, n_ctx: int, rounds: int,
+                flash_attn: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Every runner on every prompt, `rounds` times, interleaved round by round so that a slow
+    patch of the machine hits all runners alike. → {prompt: {runner: {metric: [values]}}}"""
+    server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
+                          Path(tempfile.gettempdir()) / "ai-engine-bench.log")
+    runners: dict[str, Runner] = {}
+    try:
+        runners["(a) bare llama.cpp loop"] = BareLoop(model, threads, n_ctx, flash_attn)
+        runners["(b) create_completion"] = CreateCompletion(model, threads, n_ctx, flash_attn)
+        runners["(c) ai-engine over HTTP"] = EngineHTTP(server, stream=False)
+        runners["(c') ai-engine over HTTP, streaming"] = EngineHTTP(server, stream=True)
+        prompts = single_prompts()
+        out = {p: {name: {"ttft": [], "prompt": [], "decode": []} for name in runners} for p in prompts}
+        for name, runner in runners.items():  # warm-up: page the weights in, first-call costs
+            runner.run(prompts["first turn"])
+        for _ in range(rounds):
+            for p, prompt in prompts.items():
+                for name, runner in runners.items():
+                    ttft, prompt_tps, decode_tps = runner.run(prompt)
+                    for metric, value in zip(("ttft", "prompt", "decode"), (ttft, prompt_tps, decode_tps)):
+                        out[p][name][metric].append(value)
     finally:
+        for runner in runners.values():
+            runner.close()
         stop_server(server)
-    return {"(c) ai-engine over HTTP": plain, "(c') ai-engine over HTTP, streaming": streamed}
+    return out
 
 
 # -- (d) transformers fp32 ----------------------------------------------------------------------
@@ -227,38 +296,112 @@ def run_concurrently(client, n: int) -> float:
     return time.perf_counter() - started
 
 
+def client_prompt(i: int, k: int) -> str:
+    """Request k of client i: its own interview (a fixture case) with one more question."""
+    case = CASES[i % len(CASES)]
+    history = case["turnos"] + [["Paciente", "No sé."], ["Estudiante", QUESTIONS[(i + k) % len(QUESTIONS)]]]
+    return render_case_prompt(dict(case, turnos=history))
+
+
+def sse_events(response) -> Iterator[dict]:
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            yield json.loads(line[len(b"data: "):])
+
+
+def engine_request(url: str, prompt: str, seed: int) -> tuple[float, int]:
+    """One streamed /generate: (time to the first token's event, tokens generated)."""
+    started, first = time.perf_counter(), None
+    with requests.post(url + "/generate", stream=True, timeout=600, json={
+            "prompt": prompt, "max_length": CONCURRENT_TOKENS, "stop": [], "temperature": 0.8, "seed": seed,
+            "stream": True}) as r:
+        r.raise_for_status()
+        for event in sse_events(r):
+            first = first or time.perf_counter()
+            if "texto" in event:
+                return first - started, event["metadata"]["tokens"]
+    raise RuntimeError("the stream ended without the final reply")
+
+
+def llama_server_request(url: str, prompt: str, seed: int) -> tuple[float, int]:
+    """The same request to llama-server's /completion, with the engine's default sampler chain
+    (top-k first, then the repeat penalty over the last 64 tokens, top-p, min-p, temperature)."""
+    d = SamplingParams()
+    started, first = time.perf_counter(), None
+    with requests.post(url + "/completion", stream=True, timeout=600, json={
+            "prompt": prompt, "n_predict": CONCURRENT_TOKENS, "temperature": 0.8, "seed": seed, "stream": True,
+            "top_k": d.top_k, "top_p": d.top_p, "min_p": d.min_p, "repeat_penalty": d.repeat_penalty,
+            "repeat_last_n": 64, "samplers": ["top_k", "penalties", "top_p", "min_p", "temperature"],
+            "cache_prompt": True}) as r:
+        r.raise_for_status()
+        for event in sse_events(r):
+            first = first or time.perf_counter()
+            if event.get("stop"):
+                return first - started, event["tokens_predicted"]
+    raise RuntimeError("the stream ended without the final event")
+
+
+def measure_clients(url: str, request, clients: tuple[int, ...], requests_each: int) -> dict[int, dict[str, float]]:
+    """Aggregate generated tokens/s and client-side TTFT percentiles with n clients at once, each
+    sending `requests_each` requests one after the other."""
+    out: dict[int, dict[str, float]] = {}
+    for n in clients:
+        ttfts: list[float] = []
+        tokens = [0] * n
+
+        def client(i: int) -> None:
+            for k in range(requests_each):
+                ttft, generated = request(url, client_prompt(i, k), i * 100 + k)
+                tokens[i] += generated
+                ttfts.append(ttft * 1000)
+
+        wall = run_concurrently(client, n)
+        ttfts.sort()
+        out[n] = {"tokens_per_s": sum(tokens) / wall, "p50": ttfts[len(ttfts) // 2],
+                  "p95": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.95))]}
+        print(f"  {n} clients: {out[n]}", flush=True)
+    return out
+
+
 def concurrency(model: Path, threads: int, n_ctx: int, clients: tuple[int, ...], requests_each: int,
                 n_parallel: int) -> dict[int, dict[str, float]]:
-    """Aggregate generated tokens/s and TTFT percentiles with N clients sending /generate at once
-    (each its own interview, sampled, 64 new tokens, no stops), on one engine with N_PARALLEL."""
+    """N clients streaming /generate at once (each its own interview, sampled, CONCURRENT_TOKENS
+    new tokens, no stops) on one engine with N_PARALLEL and its default settings."""
     server = start_server(engine_env(model, threads, n_ctx, N_PARALLEL=str(n_parallel), MAX_QUEUE="64"),
                           Path(tempfile.gettempdir()) / "ai-engine-bench-concurrency.log")
-    out: dict[int, dict[str, float]] = {}
     try:
-        for n in clients:
-            ttfts: list[float] = []
-            tokens = [0] * n
-
-            def client(i: int) -> None:
-                case = CASES[i % len(CASES)]
-                for k in range(requests_each):
-                    history = case["turnos"] + [["Paciente", "No sé."], ["Estudiante", QUESTIONS[(i + k) % len(QUESTIONS)]]]
-                    r = requests.post(server.url + "/generate", timeout=600, json={
-                        "prompt": render_case_prompt(dict(case, turnos=history)), "max_length": 64, "stop": [],
-                        "temperature": 0.8, "seed": i * 100 + k})
-                    r.raise_for_status()
-                    meta = r.json()["metadata"]
-                    tokens[i] += meta["tokens"]
-                    ttfts.append(meta["ttft_ms"])
-
-            wall = run_concurrently(client, n)
-            ttfts.sort()
-            out[n] = {"tokens_per_s": sum(tokens) / wall, "p50": ttfts[len(ttfts) // 2],
-                      "p95": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.95))]}
-            print(f"concurrency {n}: {out[n]}", flush=True)
+        print("ai-engine:", flush=True)
+        return measure_clients(server.url, engine_request, clients, requests_each)
     finally:
         stop_server(server)
-    return out
+
+
+def find_llama_server(given: str | None) -> str | None:
+    """--llama-server, else one on PATH, else the one scripts/build_llama_server.sh built for this
+    llama-cpp-python version and these CMAKE_ARGS."""
+    if given:
+        return given
+    if shutil.which("llama-server"):
+        return shutil.which("llama-server")
+    found = subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_server.sh"), "--if-built"],
+                           capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
+
+
+def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int, clients: tuple[int, ...],
+                             requests_each: int, n_parallel: int) -> dict[int, dict[str, float]]:
+    """The same clients against llama.cpp's own llama-server with the engine's layout: n_parallel
+    slots of n_ctx tokens each, the same attention setting, continuous batching (its default)."""
+    def argv(port: int) -> list[str]:
+        return [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * n_parallel),
+                "-np", str(n_parallel), "-fa", FLASH_ATTN, "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+
+    server = start_server({}, Path(tempfile.gettempdir()) / "ai-engine-bench-llama-server.log", argv=argv)
+    try:
+        print("llama-server:", flush=True)
+        return measure_clients(server.url, llama_server_request, clients, requests_each)
+    finally:
+        stop_server(server)
 
 
 def main() -> int:
@@ -271,7 +414,13 @@ def main() -> int:
     parser.add_argument("--only", choices=["single", "interview", "concurrency"], action="append",
                         help="run only these parts (repeatable; default: all)")
     parser.add_argument("--n-parallel", type=int, default=4, help="N_PARALLEL for the concurrency part")
+    parser.add_argument("--flash-attn", choices=["off", "on", "auto"], default=Settings.load(env={}).flash_attn,
+                        help="attention setting of every runner (default: the engine's FLASH_ATTN default)")
+    parser.add_argument("--llama-server", help="llama-server binary to compare with (default: on PATH, or the "
+                        "one scripts/build_llama_server.sh built)")
     args = parser.parse_args()
+    global FLASH_ATTN
+    FLASH_ATTN = args.flash_attn
     model = ensure_default_model(ROOT / "models")
     machine = f"{cpu_name()}, {physical_cores()} cores, {args.threads} threads"
     parts = args.only or ["single", "interview", "concurrency"]
@@ -309,22 +458,38 @@ def save(part: str, header: str, result: tuple[list[str], dict]) -> None:
 
 
 def single_part(model: Path, args) -> tuple[list[str], dict]:
-    runs = {"(a) bare llama.cpp loop": bare_loop(model, args.threads, args.n_ctx, args.rounds)}
-    runs["(b) create_completion"] = create_completion(model, args.threads, args.n_ctx, args.rounds)
-    runs.update(engine_http(model, args.threads, args.n_ctx, args.rounds))
+    runs = single_runs(model, args.threads, args.n_ctx, args.rounds, args.flash_attn)
     if not args.no_transformers:
         hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
         if hf:
-            runs["(d) transformers fp32"] = hf
-    med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in runs.items()}
-    a, b, c = (med[k] for k in list(med)[:3])
-    lines = [f"Single request: median of {args.rounds} runs, {NEW_TOKENS} new tokens, greedy, no repeat penalty.", "",
-             "| runner | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|"]
-    for name, m in med.items():
-        lines.append(f"| {name} | {m['decode']:.1f} | {m['prompt']:.0f} | {m['ttft'] * 1000:.0f} ms |")
-    lines += ["", f"Decode ratio (c)/(a) = **{c['decode'] / a['decode']:.3f}**, "
-                  f"(c)/(b) = **{c['decode'] / b['decode']:.3f}**.", ""]
-    return lines, {"median": med, "runs": runs}
+            runs["first turn"]["(d) transformers fp32"] = hf
+    n_prompt = prompt_lengths(model)
+    med = {p: {k: {m: statistics.median(v) for m, v in r.items()} for k, r in by.items()} for p, by in runs.items()}
+    lines = [f"Single request: median of {args.rounds} runs (runners interleaved round by round), {NEW_TOKENS} new "
+             f"tokens, greedy, no repeat penalty, flash attention {args.flash_attn} for all; the engine without "
+             "its caches (every prompt read in full). Two prompts: a "
+             f"fixture case's first turn ({n_prompt['first turn']} tokens) and the same case 30 exchanges later "
+             f"({n_prompt['turn 30']} tokens).", "",
+             "| runner | prompt | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|---|"]
+    for p, by in med.items():
+        for name, m in by.items():
+            lines.append(f"| {name} | {p} | {m['decode']:.1f} | {m['prompt']:.0f} | {m['ttft'] * 1000:.0f} ms |")
+    lines.append("")
+    for p, by in med.items():
+        a, b, c = (by[k]["decode"] for k in list(by)[:3])
+        lines.append(f"Decode, {p}: (c)/(a) = **{c / a:.3f}**, (c)/(b) = **{c / b:.3f}**.")
+    lines.append("")
+    return lines, {"median": med, "runs": runs, "prompt_tokens": n_prompt}
+
+
+def prompt_lengths(model: Path) -> dict[str, int]:
+    import llama_cpp as L
+
+    vocab = L.Llama(str(model), vocab_only=True, verbose=False)
+    try:
+        return {p: len(vocab.tokenize(text.encode(), add_bos=True, special=True)) for p, text in single_prompts().items()}
+    finally:
+        vocab.close()
 
 
 def interview_part(model: Path, args) -> tuple[list[str], dict]:
@@ -361,6 +526,7 @@ def batched_floor(model: Path, threads: int, counts: tuple[int, ...], steps: int
     p.n_ctx, p.n_seq_max, p.kv_unified, p.n_batch, p.n_ubatch = 2048 * max(counts), max(counts), False, 512, 512
     p.n_threads = p.n_threads_batch = threads
     p.swa_full = True
+    p.flash_attn_type = flash_attn_type(FLASH_ATTN)
     ctx = _internals.LlamaContext(model=m, params=p, verbose=False)
     b = L.llama_batch_init(512, 0, 1)
     mem = L.llama_get_memory(ctx.ctx)
@@ -394,19 +560,38 @@ def concurrency_part(model: Path, args) -> tuple[list[str], dict]:
     counts = (1, 2, 4, 8)
     floor = batched_floor(model, args.threads, counts)
     result = concurrency(model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
+    binary = find_llama_server(args.llama_server)
+    server = (llama_server_concurrency(binary, model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
+              if binary else None)
     one = result[1]["tokens_per_s"]
-    lines = [f"Concurrent clients over HTTP (N_PARALLEL={args.n_parallel}; each client sends 3 requests of 64 "
-             "sampled tokens for its own interview, prompts included), beside llama.cpp's own decode "
-             "throughput with the same number of sequences per llama_decode (no prompts, no HTTP):", "",
-             "| clients | aggregate tokens/s | vs 1 client | TTFT p50 | TTFT p95 | llama.cpp batched decode | vs 1 sequence |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Concurrent clients over HTTP (N_PARALLEL={args.n_parallel}; each client streams 3 requests of "
+             f"{CONCURRENT_TOKENS} sampled tokens for its own interview, prompts included; time to first token "
+             "as the client sees it), beside llama.cpp's own decode throughput with the same number of "
+             "sequences per llama_decode (no prompts, no sampling, no HTTP)"
+             + (" and llama.cpp's llama-server with the same clients, slots and settings" if server else "") + ":",
+             "", "| clients | ai-engine tokens/s | vs 1 client | TTFT p50 | TTFT p95 | "
+             + ("llama-server tokens/s | vs 1 client | TTFT p50 | TTFT p95 | " if server else "")
+             + "llama.cpp batched decode | vs 1 sequence |",
+             "|---|---|---|---|---|" + ("---|---|---|---|" if server else "") + "---|---|"]
     for n, r in result.items():
-        lines.append(f"| {n} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one:.2f}x | {r['p50']:.0f} ms | "
-                     f"{r['p95']:.0f} ms | {floor[n]:.1f} | {floor[n] / floor[1]:.2f}x |")
-    lines += ["", "llama-server is not installed here (llama-cpp-python ships no server binary), so its own "
-                  "numbers are not in this run; DESIGN.md measured 113 tokens/s for 4 clients (2.3x) on this "
-                  "project's machine.", ""]
-    return lines, {str(n): {**r, "llama_cpp_floor": floor[n]} for n, r in result.items()}
+        row = f"| {n} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / one:.2f}x | {r['p50']:.0f} ms | {r['p95']:.0f} ms | "
+        if server:
+            s1, sn = server[1]["tokens_per_s"], server[n]
+            row += f"{sn['tokens_per_s']:.1f} | {sn['tokens_per_s'] / s1:.2f}x | {sn['p50']:.0f} ms | {sn['p95']:.0f} ms | "
+        lines.append(row + f"{floor[n]:.1f} | {floor[n] / floor[1]:.2f}x |")
+    if server:
+        lines += ["", f"4 clients: ai-engine {result[4]['tokens_per_s'] / one:.2f}x one client, llama-server "
+                      f"{server[4]['tokens_per_s'] / server[1]['tokens_per_s']:.2f}x; ai-engine / llama-server "
+                      f"aggregate = {result[4]['tokens_per_s'] / server[4]['tokens_per_s']:.2f}."]
+    else:
+        lines += ["", "llama-server is not built here (`scripts/build_llama_server.sh` builds it from the "
+                      "llama.cpp that llama-cpp-python vendors), so its numbers are not in this run."]
+    lines.append("")
+    data = {str(n): {**r, "llama_cpp_floor": floor[n]} for n, r in result.items()}
+    if server:
+        for n, r in server.items():
+            data[str(n)]["llama_server"] = r
+    return lines, data
 
 
 def chart() -> None:
@@ -424,9 +609,15 @@ def chart() -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     if "single" in data:
         med = data["single"]["median"]
-        axes[0].barh(list(med), [m["decode"] for m in med.values()], color="#4c72b0")
+        names = list(med["first turn"])
+        height = 0.8 / len(med)
+        for k, (p, by) in enumerate(med.items()):
+            axes[0].barh([i + k * height for i in range(len(names))], [by.get(n, {}).get("decode", 0) for n in names],
+                         height=height, label=p)
+        axes[0].set_yticks([i + height * (len(med) - 1) / 2 for i in range(len(names))], names)
         axes[0].set_xlabel("decode tokens/s, one request")
         axes[0].invert_yaxis()
+        axes[0].legend()
     if "interview" in data:
         for name, ys in data["interview"]["per_turn"].items():
             axes[1].plot(range(1, len(ys) + 1), ys, marker="o", linestyle="-" if name.startswith("cache") else "--",
@@ -437,9 +628,17 @@ def chart() -> None:
         axes[1].legend()
     if "concurrency" in data:
         conc = data["concurrency"]
-        axes[2].bar(list(conc), [r["tokens_per_s"] for r in conc.values()], color="#55a868")
+        series = {"ai-engine": [r["tokens_per_s"] for r in conc.values()],
+                  "llama.cpp batched decode (no HTTP, no sampling)": [r["llama_cpp_floor"] for r in conc.values()]}
+        if all("llama_server" in r for r in conc.values()):
+            series["llama-server"] = [r["llama_server"]["tokens_per_s"] for r in conc.values()]
+        width = 0.8 / len(series)
+        for k, (name, ys) in enumerate(series.items()):
+            axes[2].bar([i + k * width for i in range(len(conc))], ys, width=width, label=name)
+        axes[2].set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(conc))], list(conc))
         axes[2].set_xlabel("concurrent clients")
         axes[2].set_ylabel("aggregate tokens/s")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "bench.png", dpi=110)
     print(f"chart: {RESULTS / 'bench.png'}")

@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import requests
 
@@ -31,12 +32,15 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
 
-def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float = 90.0) -> Server:
-    """Start `python -m engine serve` and wait until /health answers (or the process exits)."""
+def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float = 90.0,
+                 argv: Callable[[int], list[str]] | None = None) -> Server:
+    """Start `python -m engine serve` (or `argv(port)`, another HTTP server with a /health
+    route) and wait until /health answers 200 (or the process exits)."""
     port = free_port()
     env = {**os.environ, "API_PORT": str(port), "API_HOST": "127.0.0.1", **env_overrides}
+    command = argv(port) if argv else [sys.executable, "-m", "engine", "serve"]
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "engine", "serve"], env=env,
+        process = subprocess.Popen(command, env=env,
                                    stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -39,11 +39,22 @@ def test_empty_environment_value_means_default():
     ({"N_THREADS": "0"}, "N_THREADS"),
     ({"N_CTX": "10"}, "N_CTX"),
     ({"N_GPU_LAYERS": "-5"}, "N_GPU_LAYERS"),
+    ({"FLASH_ATTN": "fast"}, "FLASH_ATTN"),
+    ({"FLASH_ATTN": "off", "KV_CACHE_TYPE": "q8_0"}, "KV_CACHE_TYPE"),
 ])
 def test_invalid_values_name_the_variable(env, field):
     with pytest.raises(SettingsError) as err:
         Settings.load(env=env)
     assert err.value.field == field and field in err.value.message
+
+
+@pytest.mark.parametrize("raw,value", [("", "off"), ("auto", "auto"), ("on", "on"), ("1", "on"), ("TRUE", "on"),
+                                       ("off", "off"), ("no", "off")])
+def test_flash_attention_is_auto_on_or_off(raw, value):
+    assert Settings.load(env={"FLASH_ATTN": raw}).flash_attn == value
+    # auto (the default) and on allow a quantized KV cache
+    if value != "off":
+        assert Settings.load(env={"FLASH_ATTN": raw, "KV_CACHE_TYPE": "q8_0"}).kv_cache_type == "q8_0"
 
 
 def test_readme_configuration_table_is_current():
