@@ -48,8 +48,8 @@ class Run:
 
     Creating it tokenizes the prompt (a prompt that does not fit is a 400) and queues it (a full
     queue is a 503), before any response starts. Iterating yields stable reply text as it comes
-    (one item per token, often ""), after the wait for a free sequence slot; afterwards
-    `job.result` holds the `Generation`. `close()` cancels it: safe at any time, also when
+    (one item per token, often ""), after the wait for a free sequence slot; `wait()` blocks until
+    the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it: safe at any time, also when
     iteration never started or stopped early (a client that went away).
     """
 
@@ -79,19 +79,37 @@ class Run:
             raise
 
     def __iter__(self) -> Iterator[str]:
-        job, metrics = self.job, self.host.metrics
         if self._hit is not None:
-            metrics.cache_hits.labels(cache="response").inc()
-            now = time.perf_counter()
-            job.result = dataclasses.replace(self._hit, cached=True, ttft_s=now - job.started,
-                                             total_s=now - job.started, reused_tokens=self._hit.prompt_tokens)
-            self._record(job.result)
-            yield self._hit.text
+            yield self._cached().text
             return
         try:
             yield from self.seq.stream()
         finally:
             self.close()
+        self._finished()
+
+    def wait(self) -> Generation:
+        """Run to the end without following it token by token (a non-streaming reply)."""
+        if self._hit is not None:
+            return self._cached()
+        try:
+            self.seq.wait()
+        finally:
+            self.close()
+        return self._finished()
+
+    def _cached(self) -> Generation:
+        """The response cache's reply, timed as this request."""
+        self.host.metrics.cache_hits.labels(cache="response").inc()
+        now = time.perf_counter()
+        job = self.job
+        job.result = dataclasses.replace(self._hit, cached=True, ttft_s=now - job.started,
+                                         total_s=now - job.started, reused_tokens=self._hit.prompt_tokens)
+        self._record(job.result)
+        return job.result
+
+    def _finished(self) -> Generation:
+        job, metrics = self.job, self.host.metrics
         job.result = r = self.seq.result
         self._record(r)
         metrics.ttft.observe(r.ttft_s)
@@ -101,6 +119,7 @@ class Run:
             metrics.tokens_per_second.observe(r.tokens_per_second)
         if job.params.deterministic:
             self.host.responses.put(_response_key(job, self.model), r)
+        return r
 
     def close(self) -> None:
         if self.seq is not None and self.seq.result is None:
@@ -127,7 +146,7 @@ def complete(host: ModelHost, job: Job) -> str:
     """Run `job` to the end; returns the reply text (`job.result` has the rest)."""
     run = Run(host, job)
     try:
-        return "".join(run)
+        return run.wait().text
     finally:
         run.close()
 

@@ -51,6 +51,7 @@ from tests.server_process import start_server, stop_server  # noqa: E402
 NEW_TOKENS = 128
 CONCURRENT_TOKENS = 64
 FLASH_ATTN = "off"  # every runner's attention setting; main() sets it from --flash-attn
+DEFAULT_N_PARALLEL = Settings.load(env={}).n_parallel
 RESULTS = ROOT / "bench" / "results"
 CASES = json.loads((ROOT / "tests" / "data" / "patient_cases.json").read_text(encoding="utf-8"))["cases"]
 QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
@@ -263,24 +264,51 @@ def transformers_fp32(model: Path, threads: int, rounds: int) -> dict[str, list[
 
 
 # -- the interview --------------------------------------------------------------------------------
-def interview(model: Path, threads: int, n_ctx: int, cache: bool, n_interviews: int, turns: int) -> list[list[float]]:
-    """TTFT (ms, server-measured) per turn, per interview; interviews interleave turn by turn."""
+def interview(model: Path, threads: int, n_ctx: int, cache: bool, n_interviews: int,
+              turns: int) -> tuple[list[list[float]], list[list[str]]]:
+    """TTFT (ms, server-measured) per turn, per interview, and the prompts sent; interviews
+    interleave turn by turn."""
     env = engine_env(model, threads, n_ctx, **({} if cache else {"CACHE_RAM_MB": "0"}))
     server = start_server(env, Path(tempfile.gettempdir()) / "ai-engine-bench-interview.log")
     histories = [[list(t) for t in CASES[i % len(CASES)]["turnos"]] for i in range(n_interviews)]
     ttfts: list[list[float]] = [[] for _ in range(n_interviews)]
+    prompts: list[list[str]] = [[] for _ in range(n_interviews)]
     try:
         for turn in range(turns):
             for i, history in enumerate(histories):
-                case = dict(CASES[i % len(CASES)], turnos=history)
+                prompts[i].append(render_case_prompt(dict(CASES[i % len(CASES)], turnos=history)))
                 r = requests.post(server.url + "/generate", timeout=300, json={
-                    "prompt": render_case_prompt(case), "max_length": 60, "temperature": 0.7, "seed": turn})
+                    "prompt": prompts[i][-1], "max_length": 60, "temperature": 0.7, "seed": turn})
                 r.raise_for_status()
                 body = r.json()
                 ttfts[i].append(body["metadata"]["ttft_ms"])
                 history += [["Paciente", body["texto"] or "No sé."], ["Estudiante", QUESTIONS[turn % len(QUESTIONS)]]]
     finally:
         stop_server(server)
+    return ttfts, prompts
+
+
+def completion_interview(model: Path, threads: int, n_ctx: int, prompts: list[list[str]]) -> list[list[float]]:
+    """(b) on the interview: the same transcripts, turn by turn, through one `Llama` and
+    `create_completion` (its own reuse of the previous call's prefix, nothing more); TTFT in ms."""
+    import llama_cpp as L
+
+    d = SamplingParams()
+    llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                  flash_attn=FLASH_ATTN != "off")
+    ttfts: list[list[float]] = [[] for _ in prompts]
+    try:
+        for turn in range(len(prompts[0])):
+            for i, interview_prompts in enumerate(prompts):
+                started = time.perf_counter()
+                first = None
+                for _chunk in llm.create_completion(
+                        interview_prompts[turn], max_tokens=60, temperature=d.temperature, top_p=d.top_p,
+                        top_k=d.top_k, min_p=d.min_p, repeat_penalty=d.repeat_penalty, seed=turn, stream=True):
+                    first = first or time.perf_counter()
+                ttfts[i].append(((first or time.perf_counter()) - started) * 1000)
+    finally:
+        llm.close()
     return ttfts
 
 
@@ -391,10 +419,12 @@ def find_llama_server(given: str | None) -> str | None:
 def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int, clients: tuple[int, ...],
                              requests_each: int, n_parallel: int) -> dict[int, dict[str, float]]:
     """The same clients against llama.cpp's own llama-server with the engine's layout: n_parallel
-    slots of n_ctx tokens each, the same attention setting, continuous batching (its default)."""
+    slots of n_ctx tokens each, the same attention setting, full-size sliding-window caches (as the
+    engine: without them llama-server reads every prompt in full, finding no reusable prefix in
+    Gemma 3's SWA layers), continuous batching (its default)."""
     def argv(port: int) -> list[str]:
         return [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * n_parallel),
-                "-np", str(n_parallel), "-fa", FLASH_ATTN, "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+                "-np", str(n_parallel), "-fa", FLASH_ATTN, "--swa-full", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
 
     server = start_server({}, Path(tempfile.gettempdir()) / "ai-engine-bench-llama-server.log", argv=argv)
     try:
@@ -413,7 +443,9 @@ def main() -> int:
     parser.add_argument("--no-transformers", action="store_true", help="skip (d) even if torch is installed")
     parser.add_argument("--only", choices=["single", "interview", "concurrency"], action="append",
                         help="run only these parts (repeatable; default: all)")
-    parser.add_argument("--n-parallel", type=int, default=4, help="N_PARALLEL for the concurrency part")
+    parser.add_argument("--n-parallel", type=int, default=DEFAULT_N_PARALLEL,
+                        help="N_PARALLEL for the concurrency part (default: the engine's; another value "
+                        "writes concurrency-npN.md beside it)")
     parser.add_argument("--flash-attn", choices=["off", "on", "auto"], default=Settings.load(env={}).flash_attn,
                         help="attention setting of every runner (default: the engine's FLASH_ATTN default)")
     parser.add_argument("--llama-server", help="llama-server binary to compare with (default: on PATH, or the "
@@ -431,9 +463,12 @@ def main() -> int:
         save("single", header, single_part(model, args))
     if "interview" in parts:
         save("interview", header, interview_part(model, args))
-    if "concurrency" in parts:
-        save("concurrency", header, concurrency_part(model, args))
-    report = "\n".join((RESULTS / f"{p}.md").read_text(encoding="utf-8") for p in ("single", "interview", "concurrency")
+    if "concurrency" in parts:  # the default N_PARALLEL's results feed the chart; others sit beside them
+        save("concurrency" + ("" if args.n_parallel == DEFAULT_N_PARALLEL else f"-np{args.n_parallel}"), header,
+             concurrency_part(model, args))
+    others = sorted(p.stem for p in RESULTS.glob("concurrency-np*.md"))
+    report = "\n".join((RESULTS / f"{p}.md").read_text(encoding="utf-8")
+                       for p in ("single", "interview", "concurrency", *others)
                        if (RESULTS / f"{p}.md").exists())
     (RESULTS / "bench.md").write_text(report, encoding="utf-8")
     print("\n" + report)
@@ -493,14 +528,18 @@ def prompt_lengths(model: Path) -> dict[str, int]:
 
 
 def interview_part(model: Path, args) -> tuple[list[str], dict]:
-    series = {}
+    series, names = {}, {}
     for cache in (True, False):
         for n in (1, 4):
-            series[(cache, n)] = interview(model, args.threads, args.n_ctx, cache, n, args.turns)
+            series[(cache, n)], prompts = interview(model, args.threads, args.n_ctx, cache, n, args.turns)
+            names[(cache, n)] = f"{'cache' if cache else 'no cache'}, {n} interview{'s' if n > 1 else ''}"
+            if cache:  # (b) on the very same transcripts
+                series[("b", n)] = completion_interview(model, args.threads, args.n_ctx, prompts)
+                names[("b", n)] = f"(b) create_completion, {n} interview{'s' if n > 1 else ''}"
             print(f"interview cache={cache} n={n} done", flush=True)
-    names = {k: f"{'cache' if k[0] else 'no cache'}, {k[1]} interview{'s' if k[1] > 1 else ''}" for k in series}
+    series = {k: series[k] for k in names}
     lines = [f"Interview: time to first token per turn (ms, median over interviews), {args.turns} turns, "
-             "the engine's replies fed back.", "",
+             "the engine's replies fed back; (b) replays the same transcripts through `create_completion`.", "",
              "| turn | " + " | ".join(names.values()) + " |", "|---" * (len(series) + 1) + "|"]
     per_turn = {k: [statistics.median(t[i] for t in v) for i in range(args.turns)] for k, v in series.items()}
     for turn in range(args.turns):
@@ -509,8 +548,10 @@ def interview_part(model: Path, args) -> tuple[list[str], dict]:
     for n in (1, 4):
         with_c = statistics.median(x for t in series[(True, n)] for x in t[late])
         without = statistics.median(x for t in series[(False, n)] for x in t[late])
+        plain = statistics.median(x for t in series[("b", n)] for x in t[late])
         lines.append(f"\nTurns 5-{args.turns}, {n} interview{'s' if n > 1 else ''}: median TTFT {with_c:.0f} ms with "
-                     f"the cache vs {without:.0f} ms without: ratio **{with_c / without:.3f}**.")
+                     f"the cache vs {without:.0f} ms without: ratio **{with_c / without:.3f}**; (b) "
+                     f"create_completion {plain:.0f} ms: (c) {plain / with_c:.1f}x faster to the first token.")
     lines.append("")
     return lines, {"per_turn": {names[k]: v for k, v in per_turn.items()}}
 
@@ -607,7 +648,7 @@ def chart() -> None:
     data = {p: json.loads((RESULTS / f"{p}.json").read_text()) for p in ("single", "interview", "concurrency")
             if (RESULTS / f"{p}.json").exists()}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    if "single" in data:
+    if "single" in data and "first turn" in data["single"]["median"]:
         med = data["single"]["median"]
         names = list(med["first turn"])
         height = 0.8 / len(med)
@@ -620,7 +661,7 @@ def chart() -> None:
         axes[0].legend()
     if "interview" in data:
         for name, ys in data["interview"]["per_turn"].items():
-            axes[1].plot(range(1, len(ys) + 1), ys, marker="o", linestyle="-" if name.startswith("cache") else "--",
+            axes[1].plot(range(1, len(ys) + 1), ys, marker="o", linestyle=":" if name.startswith("(b)") else "-" if name.startswith("cache") else "--",
                          label=name)
         axes[1].set_xlabel("interview turn")
         axes[1].set_ylabel("time to first token (ms)")

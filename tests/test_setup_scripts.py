@@ -65,3 +65,22 @@ def test_model_files_are_ignored_by_git():
     result = subprocess.run(["git", "check-ignore", "models/some-model.Q4_K_M.gguf"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0
+
+
+def test_llama_server_for_the_benchmark_is_found_only_when_built_for_this_build(tmp_path):
+    """scripts/build_llama_server.sh --if-built: the binary built for this llama-cpp-python version
+    and these CMAKE_ARGS, or exit 1 (and no build, no download)."""
+    script = ["bash", "scripts/build_llama_server.sh", "--if-built"]
+    env = {**{k: v for k, v in os.environ.items() if k != "CMAKE_ARGS"}, "AI_ENGINE_CACHE": str(tmp_path)}
+    missing = subprocess.run(script, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1 and missing.stdout == ""
+    key = setup_sh("printf '%s' \"$(llama_cpp_build_spec)\" | sha256sum | cut -c1-16").stdout.strip()
+    binary = tmp_path / "llama-server" / key / "llama-server"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    found = subprocess.run(script, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert found.returncode == 0 and found.stdout.strip() == str(binary)
+    other = subprocess.run(script, cwd=REPO_ROOT, env={**env, "CMAKE_ARGS": "-DGGML_CUDA=on"}, capture_output=True,
+                           text=True, timeout=60)
+    assert other.returncode == 1  # a CUDA build's llama-server is another binary
