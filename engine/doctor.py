@@ -32,7 +32,8 @@ _BUILD_FEATURE_FLAGS = {
 }
 _AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 _SETTINGS_DEFAULTS = {"model_path": None, "model": "", "n_ctx": 4096, "n_batch": 512, "kv_cache_type": "f16",
-                      "flash_attn": "off", "n_gpu_layers": "auto", "n_threads": None}
+                      "flash_attn": "off", "n_gpu_layers": "auto", "n_threads": None,
+                      "n_parallel": 8}
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -285,7 +286,8 @@ def _report_model(report: _Report, args: argparse.Namespace, settings: dict[str,
         try:
             _layers, _plan, message = offload.resolve_gpu_layers(
                 setting, path, n_ctx, kv_cache_type=str(settings["kv_cache_type"]), n_batch=int(settings["n_batch"]),
-                flash_attn=settings["flash_attn"] != "off", gpus=gpus, offload_supported=offload_ok)
+                flash_attn=settings["flash_attn"] != "off", gpus=gpus, offload_supported=offload_ok,
+                n_seq=int(settings["n_parallel"]))
         except SettingsError as exc:
             message = exc.message
             report.problem(message)
@@ -296,14 +298,15 @@ def _report_memory(report: _Report, path: Path, n_ctx: int, settings: dict[str, 
     """The model's shape and what it needs on the CPU alone and fully offloaded."""
     kv_type, n_batch = str(settings["kv_cache_type"]), int(settings["n_batch"])
     shape = offload.ModelShape.from_layout(offload.read_gguf_layout(path))
+    n_seq = int(settings["n_parallel"])
     common = dict(shape=shape, n_batch=n_batch, flash_attn=settings["flash_attn"] != "off",
-                  kv_type_bytes=offload.KV_TYPE_BYTES.get(kv_type, 2.0))
+                  kv_type_bytes=offload.KV_TYPE_BYTES.get(kv_type, 2.0), n_seq=n_seq)
     cpu = offload.plan_offload(path, n_ctx, 0, n_gpu_layers_requested=0, **common)
     full = offload.plan_offload(path, n_ctx, 0, n_gpu_layers_requested=-1, **common)
     report.row("architecture", f"{shape.arch}, {shape.n_layer} blocks + output layer, "
                                f"vocabulary {shape.n_vocab:,}")
     report.row("weights", fmt_bytes(cpu.weights_bytes))
-    report.row("KV cache", f"{fmt_bytes(cpu.kv_bytes)} (n_ctx {n_ctx}, {kv_type})")
+    report.row("KV cache", f"{fmt_bytes(cpu.kv_bytes)} (N_PARALLEL {n_seq} × n_ctx {n_ctx}, {kv_type})")
     report.row("compute buffer", f"{fmt_bytes(cpu.compute_bytes)} (n_batch {n_batch})")
     report.row("on CPU only", f"about {fmt_bytes(cpu.ram_bytes)} of RAM")
     report.row("all on GPU", f"about {fmt_bytes(full.gpu_bytes)} of VRAM (+ {fmt_bytes(offload.DEFAULT_MARGIN_BYTES)}"

@@ -252,7 +252,8 @@ class ModelHost:
         s = self.settings
         # An explicit N_GPU_LAYERS without a usable GPU is a settings error (not a load error).
         n_gpu, _plan, message = resolve_gpu_layers(s.n_gpu_layers, path, s.n_ctx, n_batch=s.n_batch,
-                                                   kv_cache_type=s.kv_cache_type, flash_attn=s.flash_attn != "off")
+                                                   kv_cache_type=s.kv_cache_type, flash_attn=s.flash_attn != "off",
+                                                   n_seq=s.n_parallel)
         log.info("%s", message)
         started = time.perf_counter()
         try:

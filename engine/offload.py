@@ -330,18 +330,19 @@ def _costs(shape: ModelShape, k: int, kv: list[int], n_ctx: int, n_ubatch: int, 
 def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes: int, *,
                  n_gpu_layers_requested: str | int = "auto", kv_type_bytes: float = 2.0,
                  margin_bytes: int = DEFAULT_MARGIN_BYTES, n_batch: int = 512, flash_attn: bool = False,
-                 swa_full: bool = True, shape: ModelShape | None = None) -> OffloadPlan:
+                 swa_full: bool = True, shape: ModelShape | None = None, n_seq: int = 1) -> OffloadPlan:
     """Plan how many layers of the model at `gguf_path` go to a GPU with `free_vram_bytes` free.
 
-    `auto` picks the largest layer count whose GPU part (weights, KV cache for `n_ctx`, compute
-    buffer) fits `free_vram_bytes - margin_bytes`; an explicit count (or -1 for all) is planned
+    `auto` picks the largest layer count whose GPU part (weights, KV cache for `n_seq` sequences
+    of `n_ctx` tokens each, compute buffer) fits `free_vram_bytes - margin_bytes`; an explicit count (or -1 for all) is planned
     as given, and `OffloadPlan.fits` says whether it fits. `n_batch` bounds llama.cpp's micro-batch
     (n_ubatch = min(512, n_batch, n_ctx)), which sizes the compute buffers.
     """
     path = Path(gguf_path)
     shape = shape or ModelShape.from_layout(read_gguf_layout(path))
     n_ubatch = max(1, min(512, n_batch, n_ctx))
-    kv = kv_cache_bytes(shape, n_ctx, kv_type_bytes=kv_type_bytes, n_ubatch=n_ubatch, swa_full=swa_full)
+    kv = [n_seq * b for b in kv_cache_bytes(shape, n_ctx, kv_type_bytes=kv_type_bytes, n_ubatch=n_ubatch,
+                                            swa_full=swa_full)]
     total = shape.total_layers
 
     def costs(k: int) -> _Costs:
@@ -529,8 +530,8 @@ def parse_gpu_layers(setting: str | int) -> str | int:
 def resolve_gpu_layers(setting: str | int, model_path: str | os.PathLike[str], n_ctx: int, *,
                        n_batch: int = 512, kv_cache_type: str = "f16", flash_attn: bool = False,
                        swa_full: bool = True, margin_bytes: int = DEFAULT_MARGIN_BYTES,
-                       gpus: list[GpuInfo] | None = None,
-                       offload_supported: bool | None = None) -> tuple[int, OffloadPlan | None, str]:
+                       gpus: list[GpuInfo] | None = None, offload_supported: bool | None = None,
+                       n_seq: int = 1) -> tuple[int, OffloadPlan | None, str]:
     """The n_gpu_layers to pass to llama.cpp for N_GPU_LAYERS=`setting`, the plan, and a log line.
 
     - `auto`: plan against the free VRAM on a GPU build with a visible NVIDIA GPU, else 0.
@@ -570,7 +571,7 @@ def resolve_gpu_layers(setting: str | int, model_path: str | os.PathLike[str], n
         plan = plan_offload(model_path, n_ctx, free, n_gpu_layers_requested=wanted,
                             kv_type_bytes=KV_TYPE_BYTES.get(kv_cache_type, 2.0),
                             margin_bytes=margin_bytes * len(gpus), n_batch=n_batch,
-                            flash_attn=flash_attn, swa_full=swa_full)
+                            flash_attn=flash_attn, swa_full=swa_full, n_seq=n_seq)
     except ModelRefused as exc:
         if wanted == "auto":  # llama.cpp will say what is wrong with the file when it loads it
             return 0, None, f"N_GPU_LAYERS=auto: cannot plan the offload ({exc.message}), running on CPU"

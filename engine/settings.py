@@ -115,8 +115,10 @@ class Settings:
         "identical request is answered from memory. 0 turns it off.", 256, minimum=0)
     n_parallel: int = _setting(
         "N_PARALLEL", "Sequences decoded together in one batch (continuous batching). Each has its own "
-        "N_CTX tokens of KV cache, so the cache takes N_PARALLEL times the memory of one.", 4, minimum=1,
-        maximum=64)
+        "N_CTX tokens of KV cache, so the cache takes N_PARALLEL times the memory of one (8 × 4096 tokens: "
+        "576 MB for the default model, 4 GB for a 7B one: use 4 there). 8 serves a class on 2 cores: as fast "
+        "as 4 for up to 4 students, and 8 at once get their first word in 0.2 s instead of 2.9 s.", 8,
+        minimum=1, maximum=64)
     max_queue: int = _setting(
         "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
         "answers 503 with Retry-After at once.", 32, minimum=0)
@@ -198,7 +200,7 @@ class Settings:
         """Add one `--flag` per setting; unset flags leave the environment's value alone."""
         for f in dataclasses.fields(cls):
             parser.add_argument("--" + _flag(f.name), dest=f.name, default=None, metavar=f.metadata["env"],
-                                help=f"{f.metadata['help']} (env {f.metadata['env']})")
+                                help=f"{f.metadata['help']} (env {f.metadata['env']})".replace("%", "%%"))
 
     @classmethod
     def markdown_table(cls) -> str:

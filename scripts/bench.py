@@ -436,7 +436,7 @@ def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int,
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--n-ctx", type=int, default=4096)

@@ -13,7 +13,8 @@ from engine import doctor, offload
 from engine.offload import GiB, MiB, GpuInfo
 from tests.test_offload import write_model
 
-ENV = ("MODEL", "MODEL_PATH", "N_CTX", "N_BATCH", "N_GPU_LAYERS", "KV_CACHE_TYPE", "FLASH_ATTN", "CUDA_VISIBLE_DEVICES")
+ENV = ("MODEL", "MODEL_PATH", "N_CTX", "N_BATCH", "N_GPU_LAYERS", "KV_CACHE_TYPE", "FLASH_ATTN", "N_PARALLEL",
+       "CUDA_VISIBLE_DEVICES")
 
 
 @pytest.fixture(autouse=True)
@@ -30,11 +31,12 @@ def run(capsys, **kw) -> tuple[int, str]:
 
 def test_report_on_this_machine(capsys, default_model_file, monkeypatch):
     monkeypatch.setenv("MODEL_PATH", str(default_model_file.parent))
+    monkeypatch.setenv("N_PARALLEL", "2")
     status, out = run(capsys, n_ctx=2048)
     for text in ("System", "CPU features:", "AVX2", "AMX", "threads:", "physical cores", "RAM:",
                  "llama-cpp-python:", "system info:", "AMX crash:", "GPU offload:", "GPUs",
                  f"Model: {default_model_file}", "gemma3, 18 blocks + output layer",
-                 "KV cache: 36 MiB (n_ctx 2048, f16)", "compute buffer:", "all on GPU:"):
+                 "KV cache: 72 MiB (N_PARALLEL 2 × n_ctx 2048, f16)", "compute buffer:", "all on GPU:"):
         assert text in out, text
     if not offload.gpu_offload_supported():
         assert '-DGGML_CUDA=on' in out and "N_GPU_LAYERS=auto: this llama-cpp-python build has no GPU offload" in out

@@ -395,3 +395,12 @@ def test_default_model_on_the_gpu_with_the_auto_plan(default_model_file):
         assert out["usage"]["completion_tokens"] > 0
     finally:
         llm.close()
+
+
+def test_kv_cache_of_every_parallel_sequence_is_planned(model):
+    """N_PARALLEL sequences each have N_CTX cells: the plan counts all of them, and fewer layers fit."""
+    one, eight = plan_offload(model, 1024, 0), plan_offload(model, 1024, 0, n_seq=8)
+    assert eight.kv_bytes == 8 * one.kv_bytes
+    budget = plan_offload(model, 1024, 0, n_gpu_layers_requested=-1).gpu_bytes + offload.DEFAULT_MARGIN_BYTES
+    assert plan_offload(model, 1024, budget).gpu_layers == N_LAYER + 1
+    assert plan_offload(model, 1024, budget, n_seq=8).gpu_layers < N_LAYER + 1
