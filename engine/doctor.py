@@ -9,6 +9,7 @@ is wrong, 1 when a problem was found (each is listed with its fix).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -31,9 +32,8 @@ _BUILD_FEATURE_FLAGS = {
     "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
 }
 _AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
-_SETTINGS_DEFAULTS = {"model_path": None, "model": "", "n_ctx": 4096, "n_batch": 512, "kv_cache_type": "f16",
-                      "flash_attn": "off", "n_gpu_layers": "auto", "n_threads": None,
-                      "n_parallel": 8}
+_SETTINGS_USED = ("model_path", "model", "n_ctx", "n_batch", "kv_cache_type", "flash_attn", "n_gpu_layers",
+                  "n_threads", "n_parallel")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -189,14 +189,16 @@ def _load_settings(report: _Report) -> dict[str, Any]:
     """The engine's settings from the environment, as a plain dict (defaults where they are invalid)."""
     from engine.settings import REPO_ROOT, Settings
 
-    values = dict(_SETTINGS_DEFAULTS, model_path=REPO_ROOT / "models")
+    # The schema's defaults (None where a default is computed), used where the environment is invalid.
+    values = {f.name: None if f.default is dataclasses.MISSING else f.default
+              for f in dataclasses.fields(Settings) if f.name in _SETTINGS_USED}
+    values["model_path"] = REPO_ROOT / "models"
     try:
         loaded = Settings.load()
     except SettingsError as exc:
         report.problem(f"settings: {exc.message}")
         return values
-    # getattr with a default: the schema may gain or retype fields without breaking doctor.
-    return {name: getattr(loaded, name, default) for name, default in values.items()}
+    return {name: getattr(loaded, name) for name in values}
 
 
 def _report_system(report: _Report, settings: dict[str, Any]) -> None:

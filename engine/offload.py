@@ -334,8 +334,8 @@ def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes:
     """Plan how many layers of the model at `gguf_path` go to a GPU with `free_vram_bytes` free.
 
     `auto` picks the largest layer count whose GPU part (weights, KV cache for `n_seq` sequences
-    of `n_ctx` tokens each, compute buffer) fits `free_vram_bytes - margin_bytes`; an explicit count (or -1 for all) is planned
-    as given, and `OffloadPlan.fits` says whether it fits. `n_batch` bounds llama.cpp's micro-batch
+    of `n_ctx` tokens each, compute buffer) fits `free_vram_bytes - margin_bytes`; an explicit
+    count (or -1 for all) is planned as given, and `OffloadPlan.fits` says whether it fits. `n_batch` bounds llama.cpp's micro-batch
     (n_ubatch = min(512, n_batch, n_ctx)), which sizes the compute buffers.
     """
     path = Path(gguf_path)

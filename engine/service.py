@@ -49,8 +49,8 @@ class Run:
     Creating it tokenizes the prompt (a prompt that does not fit is a 400) and queues it (a full
     queue is a 503), before any response starts. Iterating yields stable reply text as it comes
     (one item per token, often ""), after the wait for a free sequence slot; `wait()` blocks until
-    the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it: safe at any time, also when
-    iteration never started or stopped early (a client that went away).
+    the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it: safe at
+    any time, also when iteration never started or stopped early (a client that went away).
     """
 
     def __init__(self, host: ModelHost, job: Job) -> None:

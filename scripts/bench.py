@@ -93,7 +93,7 @@ class Runner:
 class BareLoop(Runner):
     """llama_decode + a greedy native sampler on a context with the engine's settings."""
 
-    def __init__(self, model: Path, threads: int, n_ctx: int, flash_attn: str) -> None:
+    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
         import llama_cpp as L
         from llama_cpp import _internals
 
@@ -101,7 +101,7 @@ class BareLoop(Runner):
         self.model = _internals.LlamaModel(path_model=str(model), params=L.llama_model_default_params(), verbose=False)
         p = L.llama_context_default_params()
         p.n_ctx, p.n_threads, p.n_threads_batch = n_ctx, threads, threads
-        p.flash_attn_type = flash_attn_type(flash_attn)
+        p.flash_attn_type = flash_attn_type(FLASH_ATTN)
         self.ctx = _internals.LlamaContext(model=self.model, params=p, verbose=False)
         self.n_batch = p.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -145,12 +145,12 @@ class BareLoop(Runner):
 class CreateCompletion(Runner):
     """`Llama(...).create_completion(stream=True)`, cold each time (no reuse of the last prompt)."""
 
-    def __init__(self, model: Path, threads: int, n_ctx: int, flash_attn: str) -> None:
+    def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
         import llama_cpp as L
 
         self.L = L
         self.llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
-                           flash_attn=flash_attn != "off")
+                           flash_attn=FLASH_ATTN != "off")
 
     def run(self, prompt: str) -> tuple[float, float, float]:
         llm = self.llm
@@ -208,16 +208,15 @@ class EngineHTTP(Runner):
         return first - started, meta["prompt_tokens"] / (first - started), (meta["tokens"] - 1) / (last - first)
 
 
-def single_runs(model: Path, threads: int, n_ctx: int, rounds: int,
-                flash_attn: str) -> dict[str, dict[str, dict[str, list[float]]]]:
+def single_runs(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Every runner on every prompt, `rounds` times, interleaved round by round so that a slow
     patch of the machine hits all runners alike. → {prompt: {runner: {metric: [values]}}}"""
     server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
                           Path(tempfile.gettempdir()) / "ai-engine-bench.log")
     runners: dict[str, Runner] = {}
     try:
-        runners["(a) bare llama.cpp loop"] = BareLoop(model, threads, n_ctx, flash_attn)
-        runners["(b) create_completion"] = CreateCompletion(model, threads, n_ctx, flash_attn)
+        runners["(a) bare llama.cpp loop"] = BareLoop(model, threads, n_ctx)
+        runners["(b) create_completion"] = CreateCompletion(model, threads, n_ctx)
         runners["(c) ai-engine over HTTP"] = EngineHTTP(server, stream=False)
         runners["(c') ai-engine over HTTP, streaming"] = EngineHTTP(server, stream=True)
         prompts = single_prompts()
@@ -493,7 +492,7 @@ def save(part: str, header: str, result: tuple[list[str], dict]) -> None:
 
 
 def single_part(model: Path, args) -> tuple[list[str], dict]:
-    runs = single_runs(model, args.threads, args.n_ctx, args.rounds, args.flash_attn)
+    runs = single_runs(model, args.threads, args.n_ctx, args.rounds)
     if not args.no_transformers:
         hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
         if hf:
