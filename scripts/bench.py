@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Benchmark the generation core against llama.cpp itself, side by side in one run.
 
-Single request (default model, greedy, no repeat penalty, NEW_TOKENS new tokens; a fixture case's
-first turn and the same case 30 exchanges later; runners interleaved round by round):
-  (a) floor: a bare decode loop on llama-cpp-python's low-level API (llama_decode + a greedy
-      native sampler; what llama.cpp itself does with the same context settings),
+Single request (default model, up to NEW_TOKENS new tokens; a fixture case's first turn and the
+same case 30 exchanges later, greedy without repeat penalty, and the first turn with the
+simulator's sampling settings; runners interleaved round by round):
+  (a) floor: a bare decode loop on llama-cpp-python's low-level API (llama_decode + llama.cpp's
+      greedy sampler, or the engine's native chain when sampling; what llama.cpp itself does
+      with the same context settings),
   (b) llama-cpp-python's `Llama.create_completion` (streaming, to time the first token),
   (c) the engine over HTTP (`POST /generate`: decode rate and TTFT as the engine measures them),
       and (c') the same with `stream: true`, timed by the client from each token's event,
@@ -44,7 +46,7 @@ import requests  # noqa: E402
 from engine.default_model import ensure_default_model  # noqa: E402
 from engine.generation import SamplingParams  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
-from engine.scheduler import flash_attn_type  # noqa: E402
+from engine.scheduler import flash_attn_type, sampler_chain  # noqa: E402
 from engine.settings import Settings, physical_cores  # noqa: E402
 from tests.server_process import start_server, stop_server  # noqa: E402
 
@@ -66,6 +68,19 @@ PATIENT_LINES = ["No sé, me cuesta explicarlo.", "Desde hace unos meses, creo q
                  "Me gustaría volver a dormir bien, nada más.", "Un poco nerviosa, la verdad."]
 
 
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, repeat_penalty=1.0)
+# What the simulator sends (temperature 0.7, top_p 0.9) on the engine's documented defaults for the
+# rest (top_k 40, min_p 0.05, repeat penalty 1.1), with a seed so that every round is the same.
+SIMULATOR = SamplingParams(max_tokens=NEW_TOKENS, seed=7)
+
+
+def single_cases() -> dict[str, tuple[str, SamplingParams]]:
+    """Name → (prompt, sampling) of the single-request measurements."""
+    prompts = single_prompts()
+    return {"first turn, greedy": (prompts["first turn"], GREEDY), "turn 30, greedy": (prompts["turn 30"], GREEDY),
+            "first turn, simulator's sampling": (prompts["first turn"], SIMULATOR)}
+
+
 def single_prompts() -> dict[str, str]:
     """The first turn of a fixture case, and the same case late in a long interview (30 more
     exchanges), where attention over the transcript weighs on every decoded token."""
@@ -80,9 +95,10 @@ def single_prompt() -> str:
 
 
 class Runner:
-    """One way of generating; `run(prompt)` → (time to first token s, prompt tokens/s, decode tokens/s)."""
+    """One way of generating; `run(prompt, sampling)` → (time to first token s, prompt tokens/s,
+    decode tokens/s)."""
 
-    def run(self, prompt: str) -> tuple[float, float, float]:
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[float, float, float]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -91,7 +107,9 @@ class Runner:
 
 # -- (a) the floor: a bare low-level loop ---------------------------------------------------
 class BareLoop(Runner):
-    """llama_decode + a greedy native sampler on a context with the engine's settings."""
+    """llama_decode + a native sampler on a context with the engine's settings: llama.cpp's greedy
+    sampler, or for sampled decoding the engine's own native chain (`sampler_chain`). It never
+    stops early: end-of-generation tokens are decoded like any other."""
 
     def __init__(self, model: Path, threads: int, n_ctx: int) -> None:
         import llama_cpp as L
@@ -105,8 +123,6 @@ class BareLoop(Runner):
         self.ctx = _internals.LlamaContext(model=self.model, params=p, verbose=False)
         self.n_batch = p.n_batch
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
-        self.chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-        L.llama_sampler_chain_add(self.chain, L.llama_sampler_init_greedy())
 
     def _decode(self, toks, pos0) -> None:
         b = self.batch
@@ -116,26 +132,35 @@ class BareLoop(Runner):
             b.seq_id[i][0], b.logits[i] = 0, i == len(toks) - 1
         assert self.L.llama_decode(self.ctx.ctx, b) == 0
 
-    def run(self, prompt: str) -> tuple[float, float, float]:
+    def chain(self, sp: SamplingParams):
+        L = self.L
+        if sp.temperature > 0:
+            return sampler_chain(L, self.model.n_vocab(), sp, native=True)
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+        return chain
+
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[float, float, float]:
         L, ctx = self.L, self.ctx.ctx
         tokens = self.model.tokenize(prompt.encode(), True, True)
+        chain = self.chain(sp)
         L.llama_memory_clear(L.llama_get_memory(ctx), True)
         started = time.perf_counter()
         for s in range(0, len(tokens), self.n_batch):
             self._decode(tokens[s:s + self.n_batch], s)
         prompt_done = time.perf_counter()
         pos = len(tokens)
-        token = L.llama_sampler_sample(self.chain, ctx, -1)
+        token = L.llama_sampler_sample(chain, ctx, -1)
         first = time.perf_counter()
-        for _ in range(NEW_TOKENS - 1):
+        for _ in range(sp.max_tokens - 1):
             self._decode([token], pos)
             pos += 1
-            token = L.llama_sampler_sample(self.chain, ctx, -1)
+            token = L.llama_sampler_sample(chain, ctx, -1)
         last = time.perf_counter()
-        return first - started, len(tokens) / (prompt_done - started), (NEW_TOKENS - 1) / (last - first)
+        L.llama_sampler_free(chain)
+        return first - started, len(tokens) / (prompt_done - started), (sp.max_tokens - 1) / (last - first)
 
     def close(self) -> None:
-        self.L.llama_sampler_free(self.chain)
         self.L.llama_batch_free(self.batch)
         self.ctx.close()
         self.model.close()
@@ -152,7 +177,7 @@ class CreateCompletion(Runner):
         self.llm = L.Llama(str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                            flash_attn=FLASH_ATTN != "off")
 
-    def run(self, prompt: str) -> tuple[float, float, float]:
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[float, float, float]:
         llm = self.llm
         n_prompt = len(llm.tokenize(prompt.encode(), add_bos=True, special=True))
         llm.reset()
@@ -160,8 +185,9 @@ class CreateCompletion(Runner):
         started = time.perf_counter()
         first = last = None
         n = 0
-        for _chunk in llm.create_completion(prompt, max_tokens=NEW_TOKENS, temperature=0, repeat_penalty=1.0,
-                                            stream=True):
+        for _chunk in llm.create_completion(prompt, max_tokens=sp.max_tokens, temperature=sp.temperature,
+                                            top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+                                            repeat_penalty=sp.repeat_penalty, seed=sp.seed, stream=True):
             last = time.perf_counter()
             first = first or last
             n += 1
@@ -186,8 +212,11 @@ class EngineHTTP(Runner):
     def __init__(self, server, stream: bool) -> None:
         self.server, self.stream = server, stream
 
-    def run(self, prompt: str) -> tuple[float, float, float]:
-        body = {"prompt": prompt, "max_length": NEW_TOKENS, "temperature": 0, "repeat_penalty": 1.0, "stop": []}
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[float, float, float]:
+        body = {"prompt": prompt, "max_length": sp.max_tokens, "temperature": sp.temperature, "top_p": sp.top_p,
+                "top_k": sp.top_k, "min_p": sp.min_p, "repeat_penalty": sp.repeat_penalty, "stop": []}
+        if sp.seed is not None:
+            body["seed"] = sp.seed
         if not self.stream:
             r = requests.post(self.server.url + "/generate", json=body, timeout=300)
             r.raise_for_status()
@@ -209,8 +238,8 @@ class EngineHTTP(Runner):
 
 
 def single_runs(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Every runner on every prompt, `rounds` times, interleaved round by round so that a slow
-    patch of the machine hits all runners alike. → {prompt: {runner: {metric: [values]}}}"""
+    """Every runner on every case, `rounds` times, interleaved round by round so that a slow
+    patch of the machine hits all runners alike. → {case: {runner: {metric: [values]}}}"""
     server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
                           Path(tempfile.gettempdir()) / "ai-engine-bench.log")
     runners: dict[str, Runner] = {}
@@ -219,16 +248,16 @@ def single_runs(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str,
         runners["(b) create_completion"] = CreateCompletion(model, threads, n_ctx)
         runners["(c) ai-engine over HTTP"] = EngineHTTP(server, stream=False)
         runners["(c') ai-engine over HTTP, streaming"] = EngineHTTP(server, stream=True)
-        prompts = single_prompts()
-        out = {p: {name: {"ttft": [], "prompt": [], "decode": []} for name in runners} for p in prompts}
+        cases = single_cases()
+        out = {c: {name: {"ttft": [], "prompt": [], "decode": []} for name in runners} for c in cases}
         for name, runner in runners.items():  # warm-up: page the weights in, first-call costs
-            runner.run(prompts["first turn"])
+            runner.run(*cases["first turn, greedy"])
         for _ in range(rounds):
-            for p, prompt in prompts.items():
+            for c, (prompt, sp) in cases.items():
                 for name, runner in runners.items():
-                    ttft, prompt_tps, decode_tps = runner.run(prompt)
+                    ttft, prompt_tps, decode_tps = runner.run(prompt, sp)
                     for metric, value in zip(("ttft", "prompt", "decode"), (ttft, prompt_tps, decode_tps)):
-                        out[p][name][metric].append(value)
+                        out[c][name][metric].append(value)
     finally:
         for runner in runners.values():
             runner.close()
@@ -496,15 +525,20 @@ def single_part(model: Path, args) -> tuple[list[str], dict]:
     if not args.no_transformers:
         hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
         if hf:
-            runs["first turn"]["(d) transformers fp32"] = hf
+            runs["first turn, greedy"]["(d) transformers fp32"] = hf
     n_prompt = prompt_lengths(model)
     med = {p: {k: {m: statistics.median(v) for m, v in r.items()} for k, r in by.items()} for p, by in runs.items()}
-    lines = [f"Single request: median of {args.rounds} runs (runners interleaved round by round), {NEW_TOKENS} new "
-             f"tokens, greedy, no repeat penalty, flash attention {args.flash_attn} for all; the engine without "
-             "its caches (every prompt read in full). Two prompts: a "
-             f"fixture case's first turn ({n_prompt['first turn']} tokens) and the same case 30 exchanges later "
-             f"({n_prompt['turn 30']} tokens).", "",
-             "| runner | prompt | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|---|"]
+    sim = SIMULATOR
+    lines = [f"Single request: median of {args.rounds} runs (runners interleaved round by round), up to {NEW_TOKENS} "
+             f"new tokens, flash attention {args.flash_attn} for all; the engine without its caches (every prompt "
+             f"read in full). Two prompts: a fixture case's first turn ({n_prompt['first turn']} tokens) and the "
+             f"same case 30 exchanges later ({n_prompt['turn 30']} tokens). Greedy: temperature 0, no repeat "
+             f"penalty; (a) uses llama.cpp's greedy sampler. Simulator's sampling: temperature {sim.temperature}, "
+             f"top_p {sim.top_p} (what the simulator sends) and the engine's defaults for the rest (top_k "
+             f"{sim.top_k}, min_p {sim.min_p}, repeat penalty {sim.repeat_penalty}), seed {sim.seed}, given to every "
+             "runner; (a) samples with the engine's native chain, (b) with create_completion's own chain; a "
+             "sampled reply may end before the limit (decode rate per token).", "",
+             "| runner | case | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|---|"]
     for p, by in med.items():
         for name, m in by.items():
             lines.append(f"| {name} | {p} | {m['decode']:.1f} | {m['prompt']:.0f} | {m['ttft'] * 1000:.0f} ms |")
@@ -647,9 +681,9 @@ def chart() -> None:
     data = {p: json.loads((RESULTS / f"{p}.json").read_text()) for p in ("single", "interview", "concurrency")
             if (RESULTS / f"{p}.json").exists()}
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
-    if "single" in data and "first turn" in data["single"]["median"]:
+    if "single" in data and "first turn, greedy" in data["single"]["median"]:
         med = data["single"]["median"]
-        names = list(med["first turn"])
+        names = list(med["first turn, greedy"])
         height = 0.8 / len(med)
         for k, (p, by) in enumerate(med.items()):
             axes[0].barh([i + k * height for i in range(len(names))], [by.get(n, {}).get("decode", 0) for n in names],
