@@ -10,13 +10,18 @@ simulator's sampling settings; runners interleaved round by round):
   (b) llama-cpp-python's `Llama.create_completion` (streaming, to time the first token),
   (c) the engine over HTTP (`POST /generate`: decode rate and TTFT as the engine measures them),
       and (c') the same with `stream: true`, timed by the client from each token's event,
-  (d) transformers fp32 `generate` on the same weights, when torch and transformers are installed.
+  (d) transformers fp32 `generate` on the same weights, when torch and transformers are installed,
+  and llama.cpp's own llama-bench when scripts/build_llama_server.sh has built it.
 All with the engine's attention setting (`--flash-attn`, default the engine's FLASH_ATTN default).
 Reported: decode tokens/s, prompt tokens/s, time to first token, and (c)/(a), (c)/(b).
 
 Interview: time to first token per turn over a 10-turn interview from the fixtures (the engine's
 reply is fed back as the patient's line, as the simulator does), with the conversation cache and
 without it (CACHE_RAM_MB=0), alone and with 4 interviews interleaved turn by turn.
+
+Concurrency: 1, 2, 4 and 8 streaming clients over HTTP (aggregate tokens/s, TTFT p50/p95), beside
+llama.cpp's batched decode with as many sequences, and llama-server and llama-batched-bench when
+scripts/build_llama_server.sh has built them.
 
 Writes bench/results/bench.md and bench/results/bench.png. Run on a quiet machine:
 `.venv/bin/python scripts/bench.py` (needs the `bench` extra for the chart: matplotlib).
@@ -69,6 +74,8 @@ PATIENT_LINES = ["No sé, me cuesta explicarlo.", "Desde hace unos meses, creo q
 
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, repeat_penalty=1.0)
+A, B, C = "(a) bare llama.cpp loop", "(b) create_completion", "(c) ai-engine over HTTP"
+LLAMA_BENCH = "llama-bench (llama.cpp's tool, no sampling)"
 # What the simulator sends (temperature 0.7, top_p 0.9) on the engine's documented defaults for the
 # rest (top_k 40, min_p 0.05, repeat penalty 1.1), with a seed so that every round is the same.
 SIMULATOR = SamplingParams(max_tokens=NEW_TOKENS, seed=7)
@@ -237,27 +244,58 @@ class EngineHTTP(Runner):
         return first - started, meta["prompt_tokens"] / (first - started), (meta["tokens"] - 1) / (last - first)
 
 
-def single_runs(model: Path, threads: int, n_ctx: int, rounds: int) -> dict[str, dict[str, dict[str, list[float]]]]:
+class LlamaBench(Runner):
+    """llama.cpp's own llama-bench with the same threads, batch sizes and attention setting: prompt
+    processing of the prompt's length, then decoding after as many tokens in the cache (`-d`),
+    one repetition per round so that it interleaves with the others. It decodes without sampling
+    (llama_decode alone) and times no first token: its TTFT is its prompt time. Greedy cases only."""
+
+    def __init__(self, binary: str, model: Path, threads: int, lengths: dict[str, int]) -> None:
+        self.binary, self.model, self.threads, self.lengths = binary, model, threads, lengths
+
+    def _rate(self, *args: str) -> float:
+        out = subprocess.run([self.binary, "-m", str(self.model), "-t", str(self.threads), "-fa", FLASH_ATTN,
+                              "-r", "1", "-o", "json", *args], capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"llama-bench failed: {out.stderr[-2000:]}")
+        return float(json.loads(out.stdout)[0]["avg_ts"])
+
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[float, float, float] | None:
+        if sp.temperature > 0:
+            return None
+        n = self.lengths[prompt]
+        prompt_tps = self._rate("-p", str(n), "-n", "0")
+        decode_tps = self._rate("-p", "0", "-n", str(sp.max_tokens), "-d", str(n))
+        return n / prompt_tps, prompt_tps, decode_tps
+
+
+def single_runs(model: Path, threads: int, n_ctx: int, rounds: int,
+                llama_bench: str | None = None) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Every runner on every case, `rounds` times, interleaved round by round so that a slow
     patch of the machine hits all runners alike. → {case: {runner: {metric: [values]}}}"""
     server = start_server(engine_env(model, threads, n_ctx, CACHE_RAM_MB="0"),
                           Path(tempfile.gettempdir()) / "ai-engine-bench.log")
     runners: dict[str, Runner] = {}
     try:
-        runners["(a) bare llama.cpp loop"] = BareLoop(model, threads, n_ctx)
-        runners["(b) create_completion"] = CreateCompletion(model, threads, n_ctx)
-        runners["(c) ai-engine over HTTP"] = EngineHTTP(server, stream=False)
+        runners[A] = BareLoop(model, threads, n_ctx)
+        runners[B] = CreateCompletion(model, threads, n_ctx)
+        runners[C] = EngineHTTP(server, stream=False)
         runners["(c') ai-engine over HTTP, streaming"] = EngineHTTP(server, stream=True)
+        if llama_bench:
+            lengths = {single_prompts()[k]: n for k, n in prompt_lengths(model).items()}
+            runners[LLAMA_BENCH] = LlamaBench(llama_bench, model, threads, lengths)
         cases = single_cases()
-        out = {c: {name: {"ttft": [], "prompt": [], "decode": []} for name in runners} for c in cases}
+        out: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in cases}
         for name, runner in runners.items():  # warm-up: page the weights in, first-call costs
             runner.run(*cases["first turn, greedy"])
         for _ in range(rounds):
             for c, (prompt, sp) in cases.items():
                 for name, runner in runners.items():
-                    ttft, prompt_tps, decode_tps = runner.run(prompt, sp)
-                    for metric, value in zip(("ttft", "prompt", "decode"), (ttft, prompt_tps, decode_tps)):
-                        out[c][name][metric].append(value)
+                    result = runner.run(prompt, sp)
+                    if result is None:  # not a case this runner can do
+                        continue
+                    for metric, value in zip(("ttft", "prompt", "decode"), result):
+                        out[c].setdefault(name, {"ttft": [], "prompt": [], "decode": []})[metric].append(value)
     finally:
         for runner in runners.values():
             runner.close()
@@ -444,6 +482,14 @@ def find_llama_server(given: str | None) -> str | None:
     return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
 
 
+def llama_tool(server: str | None, name: str) -> str | None:
+    """llama.cpp's `name` tool (llama-bench, llama-batched-bench): beside the llama-server found
+    (scripts/build_llama_server.sh builds them together), else on PATH."""
+    if server and (Path(server).parent / name).is_file():
+        return str(Path(server).parent / name)
+    return shutil.which(name)
+
+
 def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int, clients: tuple[int, ...],
                              requests_each: int, n_parallel: int) -> dict[int, dict[str, float]]:
     """The same clients against llama.cpp's own llama-server with the engine's layout: n_parallel
@@ -521,7 +567,8 @@ def save(part: str, header: str, result: tuple[list[str], dict]) -> None:
 
 
 def single_part(model: Path, args) -> tuple[list[str], dict]:
-    runs = single_runs(model, args.threads, args.n_ctx, args.rounds)
+    runs = single_runs(model, args.threads, args.n_ctx, args.rounds,
+                       llama_tool(find_llama_server(args.llama_server), "llama-bench"))
     if not args.no_transformers:
         hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
         if hf:
@@ -537,15 +584,20 @@ def single_part(model: Path, args) -> tuple[list[str], dict]:
              f"top_p {sim.top_p} (what the simulator sends) and the engine's defaults for the rest (top_k "
              f"{sim.top_k}, min_p {sim.min_p}, repeat penalty {sim.repeat_penalty}), seed {sim.seed}, given to every "
              "runner; (a) samples with the engine's native chain, (b) with create_completion's own chain; a "
-             "sampled reply may end before the limit (decode rate per token).", "",
+             "sampled reply may end before the limit (decode rate per token)."
+             + (" llama-bench is llama.cpp's own benchmark, built from the same llama.cpp "
+                "(`scripts/build_llama_server.sh`), one repetition per round: the prompt's length of prompt "
+                "processing, then decoding at that depth, without sampling; its time to first token is its "
+                "prompt time." if LLAMA_BENCH in runs["first turn, greedy"] else ""), "",
              "| runner | case | decode tokens/s | prompt tokens/s | time to first token |", "|---|---|---|---|---|"]
     for p, by in med.items():
         for name, m in by.items():
             lines.append(f"| {name} | {p} | {m['decode']:.1f} | {m['prompt']:.0f} | {m['ttft'] * 1000:.0f} ms |")
     lines.append("")
     for p, by in med.items():
-        a, b, c = (by[k]["decode"] for k in list(by)[:3])
-        lines.append(f"Decode, {p}: (c)/(a) = **{c / a:.3f}**, (c)/(b) = **{c / b:.3f}**.")
+        a, b, c = (by[k]["decode"] for k in (A, B, C))
+        tool = f", (c)/llama-bench = {c / by[LLAMA_BENCH]['decode']:.3f}" if LLAMA_BENCH in by else ""
+        lines.append(f"Decode, {p}: (c)/(a) = **{c / a:.3f}**, (c)/(b) = **{c / b:.3f}**{tool}.")
     lines.append("")
     return lines, {"median": med, "runs": runs, "prompt_tokens": n_prompt}
 
@@ -630,11 +682,25 @@ def batched_floor(model: Path, threads: int, counts: tuple[int, ...], steps: int
     return out
 
 
+def batched_bench(binary: str, model: Path, threads: int, counts: tuple[int, ...]) -> dict[int, float]:
+    """llama.cpp's own llama-batched-bench: n sequences of a 200-token prompt, then 64 tokens each
+    decoded together (no sampling); its decode throughput (S_TG) per n."""
+    out = subprocess.run([binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(512 * max(counts)),
+                          "-b", "512", "-ub", "512", "-npp", "200", "-ntg", "64", "-npl", ",".join(map(str, counts)),
+                          "-fa", FLASH_ATTN, "--output-format", "jsonl"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed: {out.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out.stdout + out.stderr).splitlines() if line.startswith('{"n_kv_max"')]
+    return {int(r["pl"]): float(r["speed_tg"]) for r in rows}
+
+
 def concurrency_part(model: Path, args) -> tuple[list[str], dict]:
     counts = (1, 2, 4, 8)
     floor = batched_floor(model, args.threads, counts)
-    result = concurrency(model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
     binary = find_llama_server(args.llama_server)
+    tool = llama_tool(binary, "llama-batched-bench")
+    own = batched_bench(tool, model, args.threads, counts) if tool else {}
+    result = concurrency(model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
     server = (llama_server_concurrency(binary, model, args.threads, args.n_ctx, counts, 3, args.n_parallel)
               if binary else None)
     one = result[1]["tokens_per_s"]
@@ -660,8 +726,13 @@ def concurrency_part(model: Path, args) -> tuple[list[str], dict]:
     else:
         lines += ["", "llama-server is not built here (`scripts/build_llama_server.sh` builds it from the "
                       "llama.cpp that llama-cpp-python vendors), so its numbers are not in this run."]
+    if own:
+        lines += ["", "llama.cpp's own `llama-batched-bench` (n sequences of a 200-token prompt, then 64 tokens "
+                      "each decoded together, no sampling), decode tokens/s: "
+                      + ", ".join(f"{n} → {own[n]:.1f} ({own[n] / own[1]:.2f}x)" for n in counts if n in own) + "."]
     lines.append("")
-    data = {str(n): {**r, "llama_cpp_floor": floor[n]} for n, r in result.items()}
+    data = {str(n): {**r, "llama_cpp_floor": floor[n], **({"batched_bench": own[n]} if n in own else {})}
+            for n, r in result.items()}
     if server:
         for n, r in server.items():
             data[str(n)]["llama_server"] = r

@@ -68,8 +68,9 @@ def test_model_files_are_ignored_by_git():
 
 
 def test_llama_server_for_the_benchmark_is_found_only_when_built_for_this_build(tmp_path):
-    """scripts/build_llama_server.sh --if-built: the binary built for this llama-cpp-python version
-    and these CMAKE_ARGS, or exit 1 (and no build, no download)."""
+    """scripts/build_llama_server.sh --if-built: llama-server's path when it and llama.cpp's bench
+    tools were built for this llama-cpp-python version and these CMAKE_ARGS, or exit 1 (and no
+    build, no download)."""
     script = ["bash", "scripts/build_llama_server.sh", "--if-built"]
     env = {**{k: v for k, v in os.environ.items() if k != "CMAKE_ARGS"}, "AI_ENGINE_CACHE": str(tmp_path)}
     missing = subprocess.run(script, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -77,8 +78,12 @@ def test_llama_server_for_the_benchmark_is_found_only_when_built_for_this_build(
     key = setup_sh("printf '%s' \"$(llama_cpp_build_spec)\" | sha256sum | cut -c1-16").stdout.strip()
     binary = tmp_path / "llama-server" / key / "llama-server"
     binary.parent.mkdir(parents=True)
-    binary.write_text("#!/bin/sh\n")
-    binary.chmod(0o755)
+    for tool in ("llama-server", "llama-bench", "llama-batched-bench"):
+        (binary.parent / tool).write_text("#!/bin/sh\n")
+        (binary.parent / tool).chmod(0o755)
+        if tool == "llama-server":  # a folder from before the other tools were built: not enough
+            partial = subprocess.run(script, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+            assert partial.returncode == 1
     found = subprocess.run(script, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert found.returncode == 0 and found.stdout.strip() == str(binary)
     other = subprocess.run(script, cwd=REPO_ROOT, env={**env, "CMAKE_ARGS": "-DGGML_CUDA=on"}, capture_output=True,
