@@ -335,8 +335,9 @@ def plan_offload(gguf_path: str | os.PathLike[str], n_ctx: int, free_vram_bytes:
 
     `auto` picks the largest layer count whose GPU part (weights, KV cache for `n_seq` sequences
     of `n_ctx` tokens each, compute buffer) fits `free_vram_bytes - margin_bytes`; an explicit
-    count (or -1 for all) is planned as given, and `OffloadPlan.fits` says whether it fits. `n_batch` bounds llama.cpp's micro-batch
-    (n_ubatch = min(512, n_batch, n_ctx)), which sizes the compute buffers.
+    count (or -1 for all) is planned as given, and `OffloadPlan.fits` says whether it fits.
+    `n_batch` bounds llama.cpp's micro-batch (n_ubatch = min(512, n_batch, n_ctx)), which sizes
+    the compute buffers.
     """
     path = Path(gguf_path)
     shape = shape or ModelShape.from_layout(read_gguf_layout(path))

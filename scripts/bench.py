@@ -269,7 +269,7 @@ class LlamaBench(Runner):
         return n / prompt_tps, prompt_tps, decode_tps
 
 
-def single_runs(model: Path, threads: int, n_ctx: int, rounds: int,
+def single_runs(model: Path, threads: int, n_ctx: int, rounds: int, n_prompt: dict[str, int],
                 llama_bench: str | None = None) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Every runner on every case, `rounds` times, interleaved round by round so that a slow
     patch of the machine hits all runners alike. → {case: {runner: {metric: [values]}}}"""
@@ -282,7 +282,7 @@ def single_runs(model: Path, threads: int, n_ctx: int, rounds: int,
         runners[C] = EngineHTTP(server, stream=False)
         runners["(c') ai-engine over HTTP, streaming"] = EngineHTTP(server, stream=True)
         if llama_bench:
-            lengths = {single_prompts()[k]: n for k, n in prompt_lengths(model).items()}
+            lengths = {single_prompts()[k]: n for k, n in n_prompt.items()}
             runners[LLAMA_BENCH] = LlamaBench(llama_bench, model, threads, lengths)
         cases = single_cases()
         out: dict[str, dict[str, dict[str, list[float]]]] = {c: {} for c in cases}
@@ -567,13 +567,13 @@ def save(part: str, header: str, result: tuple[list[str], dict]) -> None:
 
 
 def single_part(model: Path, args) -> tuple[list[str], dict]:
-    runs = single_runs(model, args.threads, args.n_ctx, args.rounds,
+    n_prompt = prompt_lengths(model)
+    runs = single_runs(model, args.threads, args.n_ctx, args.rounds, n_prompt,
                        llama_tool(find_llama_server(args.llama_server), "llama-bench"))
     if not args.no_transformers:
         hf = transformers_fp32(model, args.threads, max(1, args.rounds // 2))
         if hf:
             runs["first turn, greedy"]["(d) transformers fp32"] = hf
-    n_prompt = prompt_lengths(model)
     med = {p: {k: {m: statistics.median(v) for m, v in r.items()} for k, r in by.items()} for p, by in runs.items()}
     sim = SIMULATOR
     lines = [f"Single request: median of {args.rounds} runs (runners interleaved round by round), up to {NEW_TOKENS} "
