@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64  # recent generated tokens the repeat penalty looks at
 MIN_RESTORE_GAIN = 16  # restore a cached state only when it saves at least this many tokens
+# The conversation cache must not change a reply by a single bit, so prompt positions are always
+# computed along the same kernel path as when the whole prompt is read at once. llama.cpp's CPU
+# matrix kernels take a batch of 8 rows or more in groups of 4, and its last `rows % 4` rows along
+# another summation path; a batch under 8 rows (under 64 with flash attention, whose kernel tiles
+# 64 query rows) takes another path altogether. So a kept prefix ends, and reading resumes, at a
+# multiple of ROW_GROUP, and every part of a prompt is read in batches of at least MIN_ROWS.
+ROW_GROUP = 4
+MIN_ROWS = 8
+MIN_ROWS_FLASH_ATTN = 64
+SWA_ALIGN = 64
 _DONE = object()
 
 
@@ -108,6 +118,9 @@ class Slot:
     seq_id: int
     kv: np.ndarray  # tokens whose KV this sequence holds, positions 0..n_kv-1
     n_kv: int = 0
+    # Positions 0..n_exact-1 hold exactly the KV that reading the prompt in full computes for them
+    # (read as prompt, in row groups); generated tokens (decoded one at a time) never count.
+    n_exact: int = 0
     seq: Sequence | None = None
     last_used: float = 0.0
 
@@ -197,6 +210,9 @@ class BatchEngine:
         self.n_vocab = self.model.n_vocab()
         self.metadata = self.model.metadata()
         self.max_queue = max_queue
+        self.n_swa = lib.llama_model_n_swa(self.model.model)  # sliding-window size (0: none)
+        flash = ctx_params.flash_attn_type != lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # auto: on for CPU and CUDA
+        self.min_rows = MIN_ROWS_FLASH_ATTN if flash else MIN_ROWS
         self.cache = ConversationCache(cache_bytes)
         self.metrics = metrics
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -345,24 +361,64 @@ class BatchEngine:
     def _place(self, seq: Sequence) -> None:
         """Put `seq` in the free slot that already holds most of its prompt (or restore a cached
         state there), drop the rest of that slot's cache, and prepare its sampler."""
-        free = [s for s in self.slots if s.seq is None]
         enabled = self.cache.enabled
-        slot = max(free, key=lambda s: (common_prefix(s.kv[:s.n_kv], seq.tokens) if enabled else 0, -s.last_used))
-        reuse = common_prefix(slot.kv[:slot.n_kv], seq.tokens) if enabled else 0
+        slot = self._pick_slot(seq.tokens)
+        keep = self._resume_point(common_prefix(slot.kv[:slot.n_exact], seq.tokens) if enabled else 0, seq.tokens)
+        if not self._can_resume(slot, keep):
+            keep = 0
         if enabled:
             entry, cached = self.cache.best(seq.tokens)
-            if entry is not None and cached >= reuse + MIN_RESTORE_GAIN:
-                self._save(slot)
-                reuse = cached if self._restore(slot, entry) else 0
+            restore = self._resume_point(cached, seq.tokens) if entry is not None else 0
+            # A state longer than the sliding window holds only the window's last cells: it can only
+            # be continued from its very end.
+            whole = entry is not None and (restore == len(entry.tokens) or not self._windowed(len(entry.tokens)))
+            if whole and restore >= keep + MIN_RESTORE_GAIN:
+                self._save(slot, 0)
+                keep = restore if self._restore(slot, entry) else 0
                 self.cache.hits += 1
                 if self.metrics is not None:
                     self.metrics.cache_hits.labels(cache="conversation").inc()
-            elif reuse < slot.n_kv:
-                self._save(slot)
-        keep = self._truncate(slot, min(reuse, len(seq.tokens) - 1))
+            elif keep < slot.n_kv:
+                self._save(slot, keep)
+        keep = self._truncate(slot, keep)
         seq.slot, seq.n_prompt_done, seq.reused = slot, keep, keep
         seq.chain = self._sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
+
+    def _pick_slot(self, tokens: np.ndarray) -> Slot:
+        """The free slot holding the most of this prompt, if that is at least half of what the slot
+        holds (the same conversation, one turn on); else an empty slot, else the least recently
+        used one. Conversations that only share an opening (a system prompt) do not evict each
+        other while there are slots for all of them."""
+        free = [s for s in self.slots if s.seq is None]
+        if self.cache.enabled:
+            best, most = None, 0
+            for s in free:
+                n = common_prefix(s.kv[:s.n_exact], tokens)
+                if n > most and 2 * n >= s.n_exact:
+                    best, most = s, n
+            if best is not None:
+                return best
+        empty = [s for s in free if s.n_kv == 0]
+        return empty[0] if empty else min(free, key=lambda s: s.last_used)
+
+    def _resume_point(self, reuse: int, prompt: np.ndarray) -> int:
+        """Where reading `prompt` resumes when `reuse` of its tokens are cached: on a row-group
+        boundary, with at least `min_rows` prompt tokens left to read."""
+        keep = max(0, min(reuse, len(prompt) - self.min_rows))
+        return keep - keep % ROW_GROUP
+
+    def _windowed(self, n: int) -> bool:
+        """Whether a saved state of `n` tokens keeps only the sliding window's last cells."""
+        return 0 < self.n_swa < n
+
+    def _can_resume(self, slot: Slot, keep: int) -> bool:
+        """Whether the slot's cache still holds what a token at position `keep` attends to: a state
+        restored from the conversation cache lacks the cells before its last sliding window
+        (llama.cpp saves only those), so it cannot be cut back into that window."""
+        if keep == 0 or not self.n_swa:
+            return True
+        return self._lib.llama_memory_seq_pos_min(self.mem, slot.seq_id) <= max(0, keep - self.n_swa)
 
     def _step(self) -> None:
         """One llama_decode for every active sequence, then sample those that have logits."""
@@ -388,8 +444,14 @@ class BatchEngine:
             start, room = seq.n_prompt_done, self.n_batch - n
             if room <= 0:
                 break
-            chunk = seq.tokens[start:start + room].tolist()
-            last = start + len(chunk) == len(seq.tokens)
+            end = min(start + room, len(seq.tokens))
+            if end < len(seq.tokens):  # on a row-group boundary, leaving at least min_rows to read
+                end = min(end, len(seq.tokens) - self.min_rows)
+                end -= end % ROW_GROUP
+                if end <= start:
+                    break
+            chunk = seq.tokens[start:end].tolist()
+            last = end == len(seq.tokens)
             for i, tok in enumerate(chunk):
                 self._add(seq.slot.seq_id, tok, start + i, n, last and i == len(chunk) - 1)
                 n += 1
@@ -408,9 +470,11 @@ class BatchEngine:
             slot.n_kv += 1
             seq.pending_token = None
         for seq, k in chunks:
-            start = seq.n_prompt_done
-            seq.slot.kv[start:start + k] = seq.tokens[start:start + k]
-            seq.slot.n_kv = seq.n_prompt_done = start + k
+            slot, start = seq.slot, seq.n_prompt_done
+            slot.kv[start:start + k] = seq.tokens[start:start + k]
+            slot.n_kv = seq.n_prompt_done = start + k
+            if slot.n_exact == start and k >= self.min_rows:  # exact up to the last full row group
+                slot.n_exact = start + k - (start + k) % ROW_GROUP
         for seq, index in wants:
             self._sample(seq, index)
 
@@ -478,7 +542,7 @@ class BatchEngine:
         if error is not None:
             # Its cells are freed now, so the next request in this slot has the whole context.
             self._lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            slot.n_kv = 0
+            slot.n_kv = slot.n_exact = 0
             if isinstance(error, RequestTimeout) and self.metrics is not None:
                 self.metrics.timeouts.inc()
             seq.end(error)
@@ -510,12 +574,23 @@ class BatchEngine:
             self._lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             keep = 0
         slot.n_kv = keep
+        slot.n_exact = min(slot.n_exact, keep)
         return keep
 
-    def _save(self, slot: Slot) -> None:
-        """Put a slot's state into the conversation cache (unless it is there)."""
-        tokens = slot.kv[:slot.n_kv]
-        if slot.n_kv == 0 or not self.cache.enabled or self.cache.contains(tokens):
+    def _save(self, slot: Slot, keep: int) -> None:
+        """Put the slot's exact prefix into the conversation cache, unless it is there or the slot
+        keeps it anyway (`keep` tokens); the rest of the slot (its generated tokens) is dropped.
+        A state longer than the sliding window is saved with a length that starts its window on a
+        multiple of SWA_ALIGN: restored at cell 0, its cells then line up with the SIMD lanes of
+        llama.cpp's attention as in a context that read the prompt in full."""
+        n = slot.n_exact
+        if self._windowed(n):
+            n -= (n - self.n_swa) % SWA_ALIGN
+        if not self.cache.enabled or n <= keep or not self._can_resume(slot, n):
+            return
+        self._truncate(slot, n)
+        tokens = slot.kv[:n]
+        if self.cache.contains(tokens):
             return
         lib = self._lib
         size = lib.llama_state_seq_get_size(self.ctx, slot.seq_id)
@@ -527,14 +602,14 @@ class BatchEngine:
     def _restore(self, slot: Slot, entry) -> bool:
         lib = self._lib
         lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.n_kv = 0
+        slot.n_kv = slot.n_exact = 0
         buf = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
         if not lib.llama_state_seq_set_data(self.ctx, buf, len(entry.state), slot.seq_id):
             log.warning("could not restore a cached state; evaluating the prompt in full")
             lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
             return False
         slot.kv[:len(entry.tokens)] = entry.tokens
-        slot.n_kv = len(entry.tokens)
+        slot.n_kv = slot.n_exact = len(entry.tokens)  # only exact prefixes are saved
         return True
 
     # -- sampling -------------------------------------------------------------------------------

@@ -44,31 +44,27 @@ def test_stream_of_a_bad_request_is_a_plain_400(server):
     assert r.status_code == 400 and "stream" in r.json()["error"]
 
 
-def interview_turns(case: dict, turns: int) -> list[list[list[str]]]:
-    """The transcript at each turn of a made-up continuation of a fixture interview."""
-    questions = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
-                 "¿Qué te gustaría que cambie?", "¿Cómo te sentís ahora, contándolo?"]
-    history = [list(t) for t in case["turnos"]]
-    out = []
-    for i in range(turns):
-        out.append([list(t) for t in history])
-        history += [["Paciente", "No sé, la verdad."], ["Estudiante", questions[i % len(questions)]]]
-    return out
+QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
+             "¿Qué te gustaría que cambie?", "¿Cómo te sentís ahora, contándolo?"]
 
 
 def test_conversation_cache_never_changes_output(server_generating, server_uncached, cases):
-    """Three interviews interleaved turn by turn: the same replies with and without the cache,
-    and with the cache each later turn reuses its own interview's earlier turns."""
+    """Three interviews interleaved turn by turn, each patient reply fed back into the transcript
+    as the simulator does: with and without the cache, the same replies and bit for bit the same
+    `confianza` (the KV the cache keeps is exactly what reading the prompt in full computes), and
+    with the cache each later turn reuses its own interview's earlier turns."""
+    history = {case["id"]: [list(t) for t in case["turnos"]] for case in cases}
     reused = []
-    for turn in range(3):
+    for turn in range(4):
         for case in cases:
-            prompt = render_case_prompt(dict(case, turnos=interview_turns(case, 3)[turn]))
+            prompt = render_case_prompt(dict(case, turnos=history[case["id"]]))
             cached = generate(server_generating, prompt=prompt, temperature=0, max_length=40)
             fresh = generate(server_uncached, prompt=prompt, temperature=0, max_length=40)
-            assert cached["texto"] == fresh["texto"], (turn, case["id"])
+            assert (cached["texto"], cached["confianza"]) == (fresh["texto"], fresh["confianza"]), (turn, case["id"])
             assert fresh["metadata"]["cached_prompt_tokens"] == 0
             if turn > 0:
                 reused.append(cached["metadata"]["cached_prompt_tokens"] / cached["metadata"]["prompt_tokens"])
+            history[case["id"]] += [["Paciente", cached["texto"]], ["Estudiante", QUESTIONS[turn]]]
     assert min(reused) > 0.8, reused
 
 

@@ -1,0 +1,111 @@
+"""The conversation cache changes nothing, bit for bit, on the real model in process.
+
+llama.cpp's kernels do not give the same bits for a position read in a batch of 20 as in a batch of
+300, nor for a generated token, nor after a state is restored at other cells. The scheduler keeps
+and resumes only what reading the prompt in full computes (see ROW_GROUP, MIN_ROWS, SWA_ALIGN in
+engine/scheduler.py); these tests hold it to that, including long interviews past Gemma 3's
+512-token sliding window, states saved and restored with one slot for several interviews, and
+flash attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.generation import SamplingParams
+from engine.patient import render_case_prompt, reply_text
+from engine.scheduler import BatchEngine
+
+QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
+             "¿Qué te gustaría que cambie?"]
+PARAMS = SamplingParams(temperature=0, max_tokens=24)  # the simulator's temperature-0 call (repeat penalty on)
+
+
+def make(model_file, *, cache: bool, n_parallel: int, flash_attn: str = "off") -> BatchEngine:
+    import llama_cpp as L
+
+    return BatchEngine(model_file, n_ctx=2048, n_parallel=n_parallel, n_batch=512, n_threads=2, n_threads_batch=2,
+                       n_gpu_layers=0, flash_attn=flash_attn, kv_type=L.GGML_TYPE_F16,
+                       cache_bytes=(256 << 20) if cache else 0, max_queue=8)
+
+
+def generate(eng: BatchEngine, prompt: str):
+    started = time.perf_counter()
+    seq = eng.submit(eng.tokenize(prompt), PARAMS, reply_text(None), started, started + 300)
+    return seq.wait()
+
+
+def long_history(case: dict, exchanges: int) -> list[list[str]]:
+    """The case's transcript with `exchanges` more question-answer pairs before its last question."""
+    turns = [list(t) for t in case["turnos"]]
+    filler = [["Paciente", "No sé, la verdad, me cuesta mucho hablar de esto."],
+              ["Estudiante", "¿Y cómo te sentís con eso, en general?"]]
+    return turns[:-1] + filler * exchanges + turns[-1:]
+
+
+def interview(cached: BatchEngine, fresh: BatchEngine, cases: list[dict], turns: int, exchanges: int) -> list[float]:
+    """Interviews interleaved turn by turn, each reply fed back as the simulator does; asserts the
+    same reply and the same `confianza` bits with and without the cache. → reused share per turn."""
+    history = {c["id"]: long_history(c, exchanges) for c in cases}
+    reused = []
+    for turn in range(turns):
+        for case in cases:
+            prompt = render_case_prompt(dict(case, turnos=history[case["id"]]))
+            a, b = generate(cached, prompt), generate(fresh, prompt)
+            assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob), (turn, case["id"])
+            assert b.reused_tokens == 0
+            if turn > 0:
+                reused.append(a.reused_tokens / a.prompt_tokens)
+            history[case["id"]] += [["Paciente", a.text], ["Estudiante", QUESTIONS[turn % len(QUESTIONS)]]]
+    return reused
+
+
+@pytest.fixture(scope="module")
+def fresh(default_model_file):
+    eng = make(default_model_file, cache=False, n_parallel=1)
+    yield eng
+    eng.close()
+
+
+def test_long_interviews_each_in_its_slot(default_model_file, fresh, cases):
+    """Three interviews past the sliding window, four slots: each keeps its own slot (they share
+    only the opening), reads a handful of tokens a turn, and answers as without the cache."""
+    eng = make(default_model_file, cache=True, n_parallel=4)
+    try:
+        reused = interview(eng, fresh, cases, turns=3, exchanges=20)
+        assert min(reused) > 0.95, reused
+        assert eng.cache.hits == 0  # no state had to be restored
+    finally:
+        eng.close()
+
+
+def test_long_interviews_through_saved_states(default_model_file, fresh, cases):
+    """One slot for three interviews past the sliding window: every turn restores its interview's
+    state from the conversation cache (only the window's last cells are kept). Then a new interview
+    that shares only the opening lands in that slot: it must not continue from the restored state,
+    which lacks the opening's cells in its sliding-window layers."""
+    eng = make(default_model_file, cache=True, n_parallel=1)
+    try:
+        reused = interview(eng, fresh, cases, turns=3, exchanges=20)
+        assert min(reused) > 0.85, reused
+        assert eng.cache.hits >= 6
+        newcomer = render_case_prompt(cases[0])  # the first case's first turn: shares the opening
+        a, b = generate(eng, newcomer), generate(fresh, newcomer)
+        assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob)
+    finally:
+        eng.close()
+
+
+def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
+    """With flash attention every prompt part is read in batches of at least 64 rows (its kernel's
+    query tile), so the cache stays exact there too."""
+    cached = make(default_model_file, cache=True, n_parallel=4, flash_attn="on")
+    fresh = make(default_model_file, cache=False, n_parallel=1, flash_attn="on")
+    try:
+        reused = interview(cached, fresh, cases, turns=3, exchanges=0)
+        assert min(reused) > 0.6, reused
+    finally:
+        cached.close()
+        fresh.close()
