@@ -174,6 +174,8 @@ class BatchEngine:
         import llama_cpp
         from llama_cpp import _internals
 
+        if min(n_batch, n_ctx) < n_parallel:  # a decode step holds one token of every sequence
+            raise ValueError(f"n_batch ({min(n_batch, n_ctx)}) must be at least n_parallel ({n_parallel})")
         self._lib = lib = llama_cpp
         model_params = lib.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
@@ -445,11 +447,10 @@ class BatchEngine:
             if room <= 0:
                 break
             end = min(start + room, len(seq.tokens))
-            if end < len(seq.tokens):  # on a row-group boundary, leaving at least min_rows to read
-                end = min(end, len(seq.tokens) - self.min_rows)
-                end -= end % ROW_GROUP
-                if end <= start:
-                    break
+            if end < len(seq.tokens):  # on a row-group boundary, leaving min_rows to read, room permitting
+                aligned = min(end, len(seq.tokens) - self.min_rows)
+                aligned -= aligned % ROW_GROUP
+                end = aligned if aligned > start else end
             chunk = seq.tokens[start:end].tolist()
             last = end == len(seq.tokens)
             for i, tok in enumerate(chunk):

@@ -92,7 +92,9 @@ class Settings:
         "N_THREADS_BATCH", "CPU threads for prompt processing.", factory=physical_cores,
         default_doc="physical cores", minimum=1)
     n_batch: int = _setting(
-        "N_BATCH", "Prompt tokens evaluated per llama.cpp decode call.", 512, minimum=1)
+        "N_BATCH", "Tokens evaluated per llama.cpp decode call: prompt tokens, and one token of each sequence "
+        "being generated, so at least N_PARALLEL. Below 8 (64 with flash attention) the conversation cache "
+        "can no longer keep replies exactly as without it.", 512, minimum=1)
     n_gpu_layers: str = _setting(
         "N_GPU_LAYERS", "Layers to offload to a CUDA GPU: `auto` (as many as fit the free VRAM; CPU when the "
         "build or machine has no GPU), 0 (CPU only), N, or -1 for all. N or -1 without a GPU is an error.",
@@ -153,6 +155,9 @@ class Settings:
                 bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
                 raise SettingsError(f"{f.metadata['env']} must be {bounds}, got {value}",
                                     field=f.metadata["env"])
+        if self.n_batch < self.n_parallel:
+            raise SettingsError(f"N_BATCH ({self.n_batch}) must be at least N_PARALLEL ({self.n_parallel}): each "
+                                "decode step holds one token of every sequence being generated", field="N_BATCH")
         if self.kv_cache_type not in KV_CACHE_TYPES:
             raise SettingsError(f"KV_CACHE_TYPE must be one of {', '.join(KV_CACHE_TYPES)}, got "
                                 f"{self.kv_cache_type!r}", field="KV_CACHE_TYPE")

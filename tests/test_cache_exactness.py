@@ -109,3 +109,21 @@ def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
     finally:
         cached.close()
         fresh.close()
+
+
+@pytest.mark.parametrize("n_batch", [2, 4, 12])
+def test_a_batch_smaller_than_the_minimum_rows_still_reads_the_prompt(default_model_file, n_batch):
+    """N_BATCH below MIN_ROWS: prompt parts cannot keep the exactness rules, and must not wait for
+    room that never comes (the request timed out with no token before)."""
+    import llama_cpp as L
+
+    eng = BatchEngine(default_model_file, n_ctx=512, n_parallel=2, n_batch=n_batch, n_threads=2, n_threads_batch=2,
+                      n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16, cache_bytes=64 << 20, max_queue=4)
+    try:
+        started = time.perf_counter()
+        prompt = "Estudiante: Hola, ¿cómo estás? Contame qué te trae por acá hoy.\nPaciente:"
+        seq = eng.submit(eng.tokenize(prompt), SamplingParams(temperature=0, max_tokens=8), reply_text(None), started,
+                         started + 30)
+        assert seq.wait().tokens > 0
+    finally:
+        eng.close()

@@ -41,6 +41,7 @@ def test_empty_environment_value_means_default():
     ({"N_GPU_LAYERS": "-5"}, "N_GPU_LAYERS"),
     ({"FLASH_ATTN": "fast"}, "FLASH_ATTN"),
     ({"FLASH_ATTN": "off", "KV_CACHE_TYPE": "q8_0"}, "KV_CACHE_TYPE"),
+    ({"N_BATCH": "4", "N_PARALLEL": "8"}, "N_BATCH"),  # llama.cpp aborts the process on it
 ])
 def test_invalid_values_name_the_variable(env, field):
     with pytest.raises(SettingsError) as err:
