@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
@@ -61,11 +61,13 @@ class ConversationCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def best(self, prompt: np.ndarray) -> tuple[CachedState | None, int]:
-        """The entry sharing the longest token prefix with `prompt`, and that length."""
+    def best(self, prompt: np.ndarray, usable: Callable[[CachedState, int], int] = lambda entry, n: n
+             ) -> tuple[CachedState | None, int]:
+        """The entry that saves the most of `prompt`, and how much: `usable(entry, shared prefix
+        length)` says how many tokens an entry can really save (by default all it shares)."""
         best, best_len = None, 0
         for key, entry in self._entries.items():
-            n = common_prefix(entry.tokens, prompt)
+            n = usable(entry, common_prefix(entry.tokens, prompt))
             if n > best_len:
                 best, best_len, best_key = entry, n, key
         if best is not None:

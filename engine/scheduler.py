@@ -48,6 +48,7 @@ ROW_GROUP = 4
 MIN_ROWS = 8
 MIN_ROWS_FLASH_ATTN = 64
 SWA_ALIGN = 64
+CONTINUES_WITHIN = ROW_GROUP  # a prompt sharing all but this many of a slot's exact tokens continues it
 _DONE = object()
 
 
@@ -213,8 +214,8 @@ class BatchEngine:
         self.metadata = self.model.metadata()
         self.max_queue = max_queue
         self.n_swa = lib.llama_model_n_swa(self.model.model)  # sliding-window size (0: none)
-        flash = ctx_params.flash_attn_type != lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # auto: on for CPU and CUDA
-        self.min_rows = MIN_ROWS_FLASH_ATTN if flash else MIN_ROWS
+        self.flash_attn = ctx_params.flash_attn_type != lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # auto: on (CPU, CUDA)
+        self.min_rows = MIN_ROWS_FLASH_ATTN if self.flash_attn else MIN_ROWS
         self.cache = ConversationCache(cache_bytes)
         self.metrics = metrics
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
@@ -348,7 +349,12 @@ class BatchEngine:
                     self._fail_waiting(seq, now)
                 elif free > 0:
                     self._pending.remove(seq)
-                    self._place(seq)
+                    try:
+                        self._place(seq)
+                    except Exception as exc:  # a llama.cpp or memory failure: this request fails, not silently
+                        log.exception("could not place a request")
+                        seq.end(EngineError(f"generation failed: {exc}"))
+                        continue
                     free -= 1
         self._report_queue()
 
@@ -369,17 +375,14 @@ class BatchEngine:
         if not self._can_resume(slot, keep):
             keep = 0
         if enabled:
-            entry, cached = self.cache.best(seq.tokens)
-            restore = self._resume_point(cached, seq.tokens) if entry is not None else 0
-            # A state longer than the sliding window holds only the window's last cells: it can only
-            # be continued from its very end.
-            whole = entry is not None and (restore == len(entry.tokens) or not self._windowed(len(entry.tokens)))
-            if whole and restore >= keep + MIN_RESTORE_GAIN:
+            entry, restore = self.cache.best(seq.tokens, lambda e, n: self._restore_point(e, n, seq.tokens))
+            if entry is not None and restore >= keep + MIN_RESTORE_GAIN:
                 self._save(slot, 0)
                 keep = restore if self._restore(slot, entry) else 0
-                self.cache.hits += 1
-                if self.metrics is not None:
-                    self.metrics.cache_hits.labels(cache="conversation").inc()
+                if keep:
+                    self.cache.hits += 1
+                    if self.metrics is not None:
+                        self.metrics.cache_hits.labels(cache="conversation").inc()
             elif keep < slot.n_kv:
                 self._save(slot, keep)
         keep = self._truncate(slot, keep)
@@ -388,19 +391,15 @@ class BatchEngine:
         slot.seq, slot.last_used = seq, time.perf_counter()
 
     def _pick_slot(self, tokens: np.ndarray) -> Slot:
-        """The free slot holding the most of this prompt, if that is at least half of what the slot
-        holds (the same conversation, one turn on); else an empty slot, else the least recently
-        used one. Conversations that only share an opening (a system prompt) do not evict each
-        other while there are slots for all of them."""
+        """The free slot whose exact prefix this prompt continues (the same conversation, one turn
+        on), else an empty slot, else the least recently used one. Conversations that only share an
+        opening (a system prompt, or two students on the same case) do not evict each other while
+        there are slots for all of them."""
         free = [s for s in self.slots if s.seq is None]
         if self.cache.enabled:
-            best, most = None, 0
-            for s in free:
-                n = common_prefix(s.kv[:s.n_exact], tokens)
-                if n > most and 2 * n >= s.n_exact:
-                    best, most = s, n
-            if best is not None:
-                return best
+            for s in sorted(free, key=lambda s: -s.n_exact):
+                if s.n_exact and common_prefix(s.kv[:s.n_exact], tokens) >= s.n_exact - CONTINUES_WITHIN:
+                    return s
         empty = [s for s in free if s.n_kv == 0]
         return empty[0] if empty else min(free, key=lambda s: s.last_used)
 
@@ -409,6 +408,13 @@ class BatchEngine:
         boundary, with at least `min_rows` prompt tokens left to read."""
         keep = max(0, min(reuse, len(prompt) - self.min_rows))
         return keep - keep % ROW_GROUP
+
+    def _restore_point(self, entry, shared: int, prompt: np.ndarray) -> int:
+        """Where reading `prompt` would resume from a saved state sharing `shared` of its tokens; 0
+        when it cannot: a state longer than the sliding window holds only the window's last cells,
+        so it is only continued from its very end."""
+        keep = self._resume_point(shared, prompt)
+        return keep if keep == len(entry.tokens) or not self._windowed(len(entry.tokens)) else 0
 
     def _windowed(self, n: int) -> bool:
         """Whether a saved state of `n` tokens keeps only the sliding window's last cells."""
@@ -474,7 +480,11 @@ class BatchEngine:
             slot, start = seq.slot, seq.n_prompt_done
             slot.kv[start:start + k] = seq.tokens[start:start + k]
             slot.n_kv = seq.n_prompt_done = start + k
-            if slot.n_exact == start and k >= self.min_rows:  # exact up to the last full row group
+            # Exact up to the last full row group. A part read beside other sequences' tokens counts
+            # too (llama.cpp then splits the batch its own way): requests decoded together are not
+            # bit-exact against the same requests alone anyway, and not reusing their prompts would
+            # make the next turn of every interview under load read its whole transcript again.
+            if slot.n_exact == start and k >= self.min_rows:
                 slot.n_exact = start + k - (start + k) % ROW_GROUP
         for seq, index in wants:
             self._sample(seq, index)
@@ -583,13 +593,19 @@ class BatchEngine:
         keeps it anyway (`keep` tokens); the rest of the slot (its generated tokens) is dropped.
         A state longer than the sliding window is saved with a length that starts its window on a
         multiple of SWA_ALIGN: restored at cell 0, its cells then line up with the SIMD lanes of
-        llama.cpp's attention as in a context that read the prompt in full."""
+        llama.cpp's attention as in a context that read the prompt in full. With flash attention
+        such a state is not saved: restored, it holds fewer cells than a full read, and the decode
+        kernel splits its work by the number of cells."""
         n = slot.n_exact
-        if self._windowed(n):
+        if self._windowed(n - self.min_rows):  # continued only from its end: even the same prompt again
+            if self.flash_attn:  # its decode kernel splits the cells it reads by their count: not exact
+                return
+            n -= self.min_rows
             n -= (n - self.n_swa) % SWA_ALIGN
         if not self.cache.enabled or n <= keep or not self._can_resume(slot, n):
             return
-        self._truncate(slot, n)
+        if self._truncate(slot, n) < n:  # a cache that cannot drop a suffix (recurrent): nothing to save
+            return
         tokens = slot.kv[:n]
         if self.cache.contains(tokens):
             return

@@ -70,11 +70,13 @@ def fresh(default_model_file):
 
 
 def test_long_interviews_each_in_its_slot(default_model_file, fresh, cases):
-    """Three interviews past the sliding window, four slots: each keeps its own slot (they share
-    only the opening), reads a handful of tokens a turn, and answers as without the cache."""
+    """Four interviews past the sliding window, four slots: each keeps its own slot, also the two
+    students on the same case whose transcripts differ only from their last question on; each reads
+    a handful of tokens a turn and answers as without the cache."""
+    twin = dict(cases[0], id="twin", turnos=cases[0]["turnos"][:-1] + [["Estudiante", "¿Y tu familia qué dice?"]])
     eng = make(default_model_file, cache=True, n_parallel=4)
     try:
-        reused = interview(eng, fresh, cases, turns=3, exchanges=20)
+        reused = interview(eng, fresh, cases + [twin], turns=3, exchanges=20)
         assert min(reused) > 0.95, reused
         assert eng.cache.hits == 0  # no state had to be restored
     finally:
@@ -100,14 +102,23 @@ def test_long_interviews_through_saved_states(default_model_file, fresh, cases):
 
 def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
     """With flash attention every prompt part is read in batches of at least 64 rows (its kernel's
-    query tile), so the cache stays exact there too."""
-    cached = make(default_model_file, cache=True, n_parallel=4, flash_attn="on")
+    query tile), so the cache stays exact there too: interviews in their own slots, and long ones
+    sharing one slot (states past the window are then not saved: restored, they hold fewer cells,
+    and the flash-attention decode kernel splits its work by the number of cells)."""
     fresh = make(default_model_file, cache=False, n_parallel=1, flash_attn="on")
     try:
-        reused = interview(cached, fresh, cases, turns=3, exchanges=0)
-        assert min(reused) > 0.6, reused
+        cached = make(default_model_file, cache=True, n_parallel=4, flash_attn="on")
+        try:
+            assert min(interview(cached, fresh, cases, turns=3, exchanges=0)) > 0.6
+        finally:
+            cached.close()
+        cached = make(default_model_file, cache=True, n_parallel=1, flash_attn="on")
+        try:
+            interview(cached, fresh, cases, turns=2, exchanges=20)
+            assert cached.cache.hits == 0
+        finally:
+            cached.close()
     finally:
-        cached.close()
         fresh.close()
 
 
