@@ -367,8 +367,8 @@ class BatchEngine:
         seq.end(RequestTimeout("the request timed out waiting in the queue (REQUEST_TIMEOUT_S)"))
 
     def _place(self, seq: Sequence) -> None:
-        """Put `seq` in the free slot that already holds most of its prompt (or restore a cached
-        state there), drop the rest of that slot's cache, and prepare its sampler."""
+        """Put `seq` in a free slot (`_pick_slot`), resume from what that slot or a saved state holds
+        exactly of its prompt, drop the rest of the slot's cache, and prepare its sampler."""
         enabled = self.cache.enabled
         slot = self._pick_slot(seq.tokens)
         keep = self._resume_point(common_prefix(slot.kv[:slot.n_exact], seq.tokens) if enabled else 0, seq.tokens)
