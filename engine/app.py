@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from engine.errors import EngineError
 from engine.logs import log_access
-from engine.model_host import ModelHost
+from engine.model_manager import ModelManager
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,9 @@ class Unauthorized(EngineError):
     status = 401
 
 
-def create_app(settings: Settings | None = None, host: ModelHost | None = None,
+def create_app(settings: Settings | None = None, host: ModelManager | None = None,
                replica_id: str | None = None) -> Flask:
-    """Build the app. `host` is the model host (a new, empty one if not given). `replica_id`
+    """Build the app. `host` is the model manager (a new, empty one if not given). `replica_id`
     names this copy of the engine when several serve one address (Ray Serve replicas): it is
     sent as the X-AI-Engine-Replica header, logged, and put in /generate's metadata."""
     settings = settings or Settings.load()
@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, host: ModelHost | None = None,
     app.json.sort_keys = False
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.extensions["settings"] = settings
-    app.extensions["model_host"] = host or ModelHost(settings)
+    app.extensions["model_host"] = host or ModelManager(settings)
     app.extensions["replica_id"] = replica_id
 
     from engine.api import docs, ollama, openai, ops, simulator
@@ -56,7 +56,7 @@ def request_fields() -> dict:
 
 def _register_hooks(app: Flask, settings: Settings) -> None:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    host: ModelHost = app.extensions["model_host"]
+    host: ModelManager = app.extensions["model_host"]
     replica_id: str | None = app.extensions["replica_id"]
 
     @app.before_request

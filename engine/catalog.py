@@ -27,6 +27,7 @@ class CatalogEntry:
     default: bool = False
     source: str | None = None
     sha256: str | None = None
+    ollama: tuple[str, ...] = ()  # Ollama-style names (`llama3.1:8b`) that mean this model
 
 
 def load_catalog(path: Path = CATALOG_PATH) -> dict[str, CatalogEntry]:
@@ -38,5 +39,7 @@ def load_catalog(path: Path = CATALOG_PATH) -> dict[str, CatalogEntry]:
         missing = [k for k in REQUIRED if k not in fields]
         if missing:
             raise ValueError(f"{path}: model {name!r} lacks {', '.join(missing)}")
+        if "ollama" in fields:
+            fields = {**fields, "ollama": tuple(fields["ollama"])}
         entries[name] = CatalogEntry(name=name, **fields)
     return entries

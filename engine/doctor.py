@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import offload
+from engine.default_model import DEFAULT_MODEL_NAME
 from engine.errors import EngineError, SettingsError
 from engine.offload import fmt_bytes
 
@@ -33,7 +34,7 @@ _BUILD_FEATURE_FLAGS = {
 }
 _AMX_FLAGS = ("amx_tile", "amx_int8", "amx_bf16")
 _SETTINGS_USED = ("model_path", "model", "n_ctx", "n_batch", "kv_cache_type", "flash_attn", "n_gpu_layers",
-                  "n_threads", "n_parallel")
+                  "n_threads", "n_parallel", "cache_ram_mb", "memory_budget_mb", "max_loaded_models")
 
 
 def add_command(sub: argparse._SubParsersAction) -> None:
@@ -314,18 +315,28 @@ def _report_memory(report: _Report, path: Path, n_ctx: int, settings: dict[str, 
     report.row("all on GPU", f"about {fmt_bytes(full.gpu_bytes)} of VRAM (+ {fmt_bytes(offload.DEFAULT_MARGIN_BYTES)}"
                              f" margin) and {fmt_bytes(full.ram_bytes)} of RAM")
     _total, available = memory_info()
+    if settings.get("memory_budget_mb") is not None:  # what the model manager plans with (engine/startup.py)
+        per_model = cpu.ram_bytes + (int(settings["cache_ram_mb"]) << 20)
+        from engine.startup import ram_budget
+
+        budget = ram_budget(int(settings["memory_budget_mb"]), available)
+        fit = min(budget // per_model, int(settings["max_loaded_models"]))
+        report.row("models resident", f"{fit} of this size at once on CPU (about {fmt_bytes(per_model)} each with "
+                                      f"the conversation cache; budget {fmt_bytes(budget)}, MAX_LOADED_MODELS "
+                                      f"{settings['max_loaded_models']})")
     if available and cpu.ram_bytes > available:
         report.problem(f"the model needs about {fmt_bytes(cpu.ram_bytes)} of RAM on CPU, but only "
                        f"{fmt_bytes(available)} is available; pick a smaller quantization or lower N_CTX")
 
 
 def _model_file(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
-    """--model (a path or a name under MODEL_PATH), else MODEL, else the default model's file."""
-    from engine.default_model import DEFAULT_MODEL_NAME
+    """The file `serve` would load: --model (a path, a file under MODEL_PATH, a preset or an alias),
+    else MODEL, else the embedded default model (named, not assembled), by the one start-up plan."""
+    from engine.settings import Settings
+    from engine.startup import plan_startup
 
-    model_dir = Path(settings["model_path"]).expanduser()
-    name = getattr(args, "model", None) or str(settings.get("model") or "").strip() or DEFAULT_MODEL_NAME
-    candidate = Path(name).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        return candidate.resolve()
-    return (model_dir / candidate).resolve()
+    overrides = {k: v for k, v in settings.items() if v is not None}
+    if getattr(args, "model", None):
+        overrides["model"] = args.model
+    plan = plan_startup(Settings.load(env={}, **overrides), assemble=lambda folder: folder / DEFAULT_MODEL_NAME)
+    return plan.spec.path.resolve()

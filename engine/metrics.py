@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
                                ProcessCollector, generate_latest)
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30)
@@ -34,18 +35,59 @@ class Metrics:
         self.rejections = Counter("ai_engine_queue_rejections", "Requests refused with 503 (queue full)", registry=r)
         self.timeouts = Counter("ai_engine_request_timeouts", "Requests past REQUEST_TIMEOUT_S", registry=r)
         self.cache_hits = Counter("ai_engine_cache_hits", "Cache hits", ["cache"], registry=r)
-        self.model_load_seconds = Gauge("ai_engine_model_load_seconds", "Time the current model took to load",
-                                        registry=r)
-        self.model_info = Gauge("ai_engine_model_info", "The loaded model (value 1)",
-                                ["name", "quantization", "gpu_layers"], registry=r)
-        self.model_loaded = Gauge("ai_engine_model_loaded", "1 when a model is loaded and ready", registry=r)
+        self.model_loads = Counter("ai_engine_model_loads", "Models loaded (start-up, /load-model, on demand)",
+                                   registry=r)
         for cache in ("conversation", "response"):
             self.cache_hits.labels(cache=cache)
 
-    def set_model(self, name: str, quantization: str, gpu_layers: int, load_seconds: float) -> None:
-        self.model_info.clear()
-        self.model_info.labels(name=name, quantization=quantization, gpu_layers=str(gpu_layers)).set(1)
-        self.model_load_seconds.set(load_seconds)
+    def bind_models(self, manager) -> None:
+        """Per-model gauges, read from `manager` at each scrape: which models are resident, their
+        memory, load time, requests and queue (a scheduler's own `queue_depth.set` is overridden)."""
+        self.registry.register(_ModelsCollector(manager))
+        self.queue_depth.set_function(lambda: sum(m.engine.waiting for m in manager.resident()))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ModelsCollector:
+    """The resident models, as gauges labelled by model name."""
+
+    def __init__(self, manager) -> None:
+        self.manager = manager
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from engine.gguf_info import quantization_name
+
+        manager = self.manager
+        models = manager.resident()
+        default = manager.default
+        loaded = GaugeMetricFamily("ai_engine_model_loaded", "1 when the default model is loaded and ready")
+        loaded.add_metric([], 1 if default is not None and manager.ready else 0)
+        count = GaugeMetricFamily("ai_engine_models_loaded", "Resident models")
+        count.add_metric([], len(models))
+        info = GaugeMetricFamily("ai_engine_model_info", "A resident model (value 1)",
+                                 labels=["name", "quantization", "gpu_layers"])
+        per_model = {key: GaugeMetricFamily(f"ai_engine_model_{key}", text, labels=["name"]) for key, text in (
+            ("load_seconds", "Time the model took to load"),
+            ("memory_bytes", "Planned RAM of the model: weights, KV cache, buffers, conversation cache"),
+            ("vram_bytes", "Planned VRAM of the model"),
+            ("active_requests", "Requests the model is generating"),
+            ("queue_depth", "Requests waiting for one of the model's sequence slots"),
+            ("expires_in_seconds", "Seconds until the idle model unloads (-1: it stays)"))}
+        for m in models:
+            try:
+                file_type = int(m.metadata.get("general.file_type", ""))
+            except ValueError:
+                file_type = None
+            info.add_metric([m.name, quantization_name(file_type), str(m.gpu_layers)], 1)
+            expires = m.expires_in_s
+            for key, value in (("load_seconds", m.load_seconds), ("memory_bytes", m.ram_bytes),
+                               ("vram_bytes", m.vram_bytes), ("active_requests", m.engine.active),
+                               ("queue_depth", m.engine.waiting),
+                               ("expires_in_seconds", -1 if expires is None else expires)):
+                per_model[key].add_metric([m.name], value)
+        yield from (loaded, count, info, *per_model.values())

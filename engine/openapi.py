@@ -119,9 +119,11 @@ ERROR_REASONS = {
     "401": "ENGINE_API_KEY is set and the request has no valid key.",
     "404": "The model (or file) named is not under MODEL_PATH.",
     "413": "The request body is larger than MAX_BODY_BYTES.",
+    "403": "The model is not loaded and LOAD_ON_REQUEST is off.",
     "422": "llama.cpp could not load the model file (truncated, unsupported); the current model stays.",
     "500": "A server fault (e.g. the model's chat template is broken).",
-    "503": "Busy: the admission queue is full (Retry-After says when to retry), or no model is ready yet.",
+    "503": "Busy: the admission queue is full, or no room to load the model while the others are in use "
+           "(Retry-After says when to retry); or no model is ready yet; or the model exceeds the memory budget.",
     "504": "The request's deadline (REQUEST_TIMEOUT_S: queue wait + generation) passed.",
 }
 
@@ -172,7 +174,32 @@ def _body(schema: Schema) -> dict:
 
 
 # Statuses every generating route can answer beside its own: key, body size, queue, deadline.
-GENERATION_ERRORS = (400, 401, 413, 503, 504)
+GENERATION_ERRORS = (400, 401, 403, 404, 413, 422, 503, 504)
+
+
+def _keep_alive() -> Schema:
+    """validation.duration: seconds, or a Go duration string; negative: keep the model loaded."""
+    return {"description": "How long the model stays loaded after this request (Ollama's format): seconds, "
+                           "or `5m`, `1h30m`, `300ms`; 0 unloads it as soon as it is idle, negative keeps it. "
+                           "Default: KEEP_ALIVE (the default model stays).", "nullable": True,
+            "anyOf": [{"type": "number"},
+                      {"type": "string", "pattern": r"^\s*[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+\s*$|"
+                                                    r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$"}]}
+
+
+def _model_entry() -> Schema:
+    """One resident model in /health."""
+    return _object({
+        "model": {"type": "string"}, "model_file": {"type": "string"}, "n_ctx": {"type": "integer"},
+        "gpu_layers": {"type": "integer"}, "lora": _adapters(),
+        "preset": {"type": "string", "nullable": True},
+        "default": {"type": "boolean", "description": "Requests without `model` use it."},
+        "active": {"type": "integer", "minimum": 0}, "queue_depth": {"type": "integer", "minimum": 0},
+        "memory_bytes": {"type": "integer", "minimum": 0, "description": "Planned RAM."},
+        "vram_bytes": {"type": "integer", "minimum": 0, "description": "Planned VRAM."},
+        "expires_in_s": {"type": "number", "nullable": True,
+                         "description": "Seconds until it unloads if left idle; null: it stays (or is in use)."},
+    }, ("model", "default"))
 
 
 # -- the simulator's contract ----------------------------------------------------------------------
@@ -198,6 +225,10 @@ def _simulator_schemas() -> dict[str, Schema]:
                               "max_length end the reply."),
             "stream": _boolean("Server-sent events: one `data:` event per token (`{\"text\": ...}`), then one "
                                "with the whole reply.", False),
+            "model": _optional(_text("Any model name the Ollama and OpenAI surfaces accept (a file under "
+                                     "MODEL_PATH, a preset, a catalog alias such as `llama3.1:8b`); loaded "
+                                     "beside the others if it is not resident. Default: the default model.")),
+            "keep_alive": _keep_alive(),
         }, ("prompt",)),
         "GenerateReply": _object({
             "texto": {"type": "string", "description": "The patient's reply only (may be empty: see "
@@ -237,6 +268,10 @@ def _simulator_schemas() -> dict[str, Schema]:
             "gpu_layers": {"type": "integer"},
             "lora": _adapters(),
             "preset": {"type": "string", "nullable": True, "description": "The preset loaded (presets.toml)."},
+            "models": {"type": "array", "items": _model_entry(), "description": "Every resident model."},
+            "closing": {"type": "array", "description": "Models out of service that still finish requests.",
+                        "items": _object({"model": {"type": "string"}, "requests": {"type": "integer"}},
+                                         ("model", "requests"))},
         }, ("status", "model_loaded", "model_path")),
         "ModelList": _object({
             "models": {"type": "array", "items": {"type": "string"},
@@ -246,6 +281,7 @@ def _simulator_schemas() -> dict[str, Schema]:
             "lora": _adapters(),
             "presets": {"type": "array", "items": {"type": "string"},
                         "description": "Names of the presets in MODEL_PATH/presets.toml."},
+            "resident": {"type": "array", "items": {"type": "string"}, "description": "Every resident model."},
         }, ("models", "model_path")),
         "LoadModelRequest": _object({
             "model_name": _text("A GGUF file under MODEL_PATH (or under `model_path`)."),
@@ -284,19 +320,20 @@ def _simulator_paths() -> dict:
             "responses": {**_ok(_ref("ModelList"), "The files and the loaded one."), **_errors(401)}}},
         "/load-model": {"post": {
             "tags": ["simulator"], "operationId": "loadModel",
-            "summary": "Switch to another GGUF under MODEL_PATH, optionally with LoRA adapters; on any "
-                       "failure the current model stays.",
+            "summary": "Load a GGUF under MODEL_PATH (optionally with LoRA adapters) and make it the default "
+                       "model; on any failure the current default stays.",
             "requestBody": _body(_ref("LoadModelRequest")),
             "responses": {**_ok(_ref("LoadModelReply"), "Loaded."),
-                          **_errors(400, 401, 404, 413, 422)}}},
+                          **_errors(400, 401, 404, 413, 422, 503)}}},
     }
 
 
 # -- Ollama ---------------------------------------------------------------------------------------
 def _ollama_schemas() -> dict[str, Schema]:
     d = OLLAMA_DEFAULTS
-    model = {**_text("A GGUF under MODEL_PATH: `name:latest`, the file name, with or without `.gguf`. Another "
-                     "model than the loaded one switches the engine to it; an unknown one is a 404."),
+    model = {**_text("A GGUF under MODEL_PATH (`name:latest`, the file name, with or without `.gguf`), a preset, "
+                     "or a catalog alias (`llama3.1:8b`). One that is not resident is loaded beside the others; "
+                     "an unknown one is a 404."),
              "example": "gemma-3-270m-q4_k_m"}
     message = _ref("ChatMessage")
     return {
@@ -321,6 +358,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "raw": _boolean("Use the prompt as it is (no chat template).", False),
             "stream": _boolean("NDJSON: a line per token, then a final line with the statistics.", True),
             "options": _ref("OllamaOptions"),
+            "keep_alive": _keep_alive(),
             "images": _refused("Images."),
             "format": _refused("Structured output."),
             "template": _refused("Prompt template."),
@@ -331,6 +369,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "messages": {"type": "array", "items": message, "minItems": 1},
             "stream": _boolean("NDJSON: a line per token, then a final line with the statistics.", True),
             "options": _ref("OllamaOptions"),
+            "keep_alive": _keep_alive(),
             "tools": _refused("Function calling."),
             "format": _refused("Structured output."),
         }, ("model", "messages")),
@@ -373,6 +412,14 @@ def _ollama_schemas() -> dict[str, Schema]:
             "modified_at": {"type": "string", "format": "date-time"},
         }, ("modelfile", "parameters", "template", "details", "model_info")),
         "OllamaVersion": _object({"version": {"type": "string"}}, ("version",)),
+        "OllamaProcesses": _object({"models": {"type": "array", "items": _object({
+            "name": {"type": "string"}, "model": {"type": "string"},
+            "size": {"type": "integer", "minimum": 0, "description": "Planned RAM + VRAM."},
+            "digest": {"type": "string"}, "details": {"type": "object"},
+            "expires_at": {"type": "string", "format": "date-time",
+                           "description": "When it unloads if left idle (far future: it stays)."},
+            "size_vram": {"type": "integer", "minimum": 0}, "context_length": {"type": "integer"},
+        }, ("name", "model", "size", "digest", "details", "expires_at", "size_vram"))}}, ("models",)),
     }
 
 
@@ -380,7 +427,7 @@ def _ollama_stats() -> dict[str, Schema]:
     """The final reply's statistics (durations in nanoseconds, as Ollama's)."""
     count = {"type": "integer", "minimum": 0}
     return {
-        "done_reason": {"type": "string", "enum": ["stop", "length", "load"]},
+        "done_reason": {"type": "string", "enum": ["stop", "length", "load", "unload"]},
         "total_duration": count, "load_duration": count, "prompt_eval_count": count,
         "prompt_eval_duration": count, "eval_count": count, "eval_duration": count,
     }
@@ -391,7 +438,7 @@ NDJSON = "One JSON object a line: each new piece of text with `done: false`, the
 
 
 def _ollama_paths() -> dict:
-    generation_errors = _errors(*GENERATION_ERRORS, 404, 422)
+    generation_errors = _errors(*GENERATION_ERRORS)
     return {
         "/api/generate": {"post": {
             "tags": ["ollama"], "operationId": "ollamaGenerate",
@@ -409,6 +456,9 @@ def _ollama_paths() -> dict:
         "/api/tags": {"get": {
             "tags": ["ollama"], "operationId": "ollamaTags", "summary": "Every GGUF under MODEL_PATH.",
             "responses": {**_ok(_ref("OllamaTags"), "The models."), **_errors(401)}}},
+        "/api/ps": {"get": {
+            "tags": ["ollama"], "operationId": "ollamaPs", "summary": "The resident models.",
+            "responses": {**_ok(_ref("OllamaProcesses"), "Most recently used first."), **_errors(401)}}},
         "/api/show": {"post": {
             "tags": ["ollama"], "operationId": "ollamaShow",
             "summary": "Details, metadata, template and default parameters of one model.",
@@ -506,28 +556,33 @@ def _openai_schemas() -> dict[str, Schema]:
                                ("role", "content")),
             "logprobs": {"type": "object", "nullable": True}, "finish_reason": finish,
         }, ("index", "message", "finish_reason"))),
+        "OpenAIModel": _object({
+            "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
+            "created": {"type": "integer"}, "owned_by": {"type": "string"},
+            "base": {"type": "string", "description": "A preset's base model."},
+            "lora": {"type": "array", "items": {"type": "string"}, "description": "A preset's adapters."},
+            "loaded": {"type": "boolean", "description": "Present (true) on resident entries."},
+            "active_lora": _adapters(),
+        }, ("id", "object", "created", "owned_by")),
         "OpenAIModelList": _object({
             "object": {"type": "string", "enum": ["list"]},
-            "data": {"type": "array", "items": _object({
-                "id": {"type": "string"}, "object": {"type": "string", "enum": ["model"]},
-                "created": {"type": "integer"}, "owned_by": {"type": "string"},
-                "base": {"type": "string", "description": "A preset's base model."},
-                "lora": {"type": "array", "items": {"type": "string"}, "description": "A preset's adapters."},
-                "loaded": {"type": "boolean", "description": "Present (true) on the loaded entry."},
-                "active_lora": _adapters(),
-            }, ("id", "object", "created", "owned_by"))},
+            "data": {"type": "array", "items": _ref("OpenAIModel")},
         }, ("object", "data")),
     }
 
 
 def _openai_paths() -> dict:
-    errors = _errors(*GENERATION_ERRORS, 404, 422, shape="OpenAIError")
+    errors = _errors(*GENERATION_ERRORS, shape="OpenAIError")
     sse = "`data: <chunk>` events, then `data: [DONE]`; an error after the 200 ends the stream with " \
           "`data: {\"error\": {...}}`."
     return {
         "/v1/models": {"get": {
             "tags": ["openai"], "operationId": "openaiModels", "summary": "Every GGUF under MODEL_PATH.",
             "responses": {**_ok(_ref("OpenAIModelList"), "The models."), **_errors(401, shape="OpenAIError")}}},
+        "/v1/models/{model_id}": {"get": {
+            "tags": ["openai"], "operationId": "openaiModel", "summary": "One model by any name `model` accepts.",
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {**_ok(_ref("OpenAIModel"), "The model."), **_errors(401, 404, shape="OpenAIError")}}},
         "/v1/completions": {"post": {
             "tags": ["openai"], "operationId": "openaiCompletions", "summary": "Complete a raw `prompt`.",
             "requestBody": _body(_ref("CompletionRequest")),

@@ -1,6 +1,6 @@
 """`ai-engine serve --ray`: the engine as a Ray Serve application, one engine per replica.
 
-Every replica is the single-machine engine: a `ModelHost` with its model, and the Flask app from
+Every replica is the single-machine engine: a `ModelManager` with its models, and the Flask app from
 `create_app`, spoken to through `engine.asgi_bridge` (Ray Serve replicas speak ASGI). There is no
 second implementation of any route. Ray's HTTP proxy spreads requests over the replicas, sends a
 replica no more than the engine admits (N_PARALLEL + MAX_QUEUE), holds the rest in its own bounded
@@ -36,9 +36,11 @@ from engine.asgi_bridge import WsgiToAsgi  # noqa: E402
 from engine.default_model import ensure_default_model  # noqa: E402
 from engine.errors import ModelLoadError, SettingsError  # noqa: E402
 from engine.logs import configure_logging  # noqa: E402
-from engine.model_host import ModelHost, describe_path  # noqa: E402
+from engine.model_files import describe_path  # noqa: E402
+from engine.model_manager import ModelManager  # noqa: E402
 from engine.ray_options import RayOptions, engine_capacity  # noqa: E402
 from engine.settings import Settings  # noqa: E402
+from engine.startup import StartupPlan, plan_startup  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,11 @@ class EngineReplica:
         configure_logging(settings.log_level, settings.log_format, settings.log_prompts)
         # Attribute names stay clear of Ray's ASGI wrapper, a base class (it owns `app`).
         self.replica_id = _replica_id()
-        self.engine_host = ModelHost(settings)
-        path = _startup_model_path(self.engine_host)
-        log.info("replica %s loading model %s", self.replica_id, describe_path(path))
-        self.engine_host.load(path)  # a failure fails the replica's start; Ray reports it and retries
+        plan = _startup_plan(settings)  # the same plan as `serve`: MODEL, LORA, LORA_SCALE
+        plan.check()
+        self.engine_host = ModelManager(settings)
+        log.info("replica %s loading model %s", self.replica_id, describe_path(plan.spec.path))
+        self.engine_host.load(plan.spec)  # a failure fails the replica's start; Ray reports it and retries
         flask_app = create_app(settings, self.engine_host, replica_id=self.replica_id)
         # A thread for every request Ray may send at once, as SERVER_THREADS is for waitress.
         threads = max(settings.server_threads, engine_capacity(settings))
@@ -71,7 +74,7 @@ class EngineReplica:
         """Ray's health probe: a replica whose model is gone is replaced (a /load-model swap in
         progress is not a fault)."""
         host = self.engine_host
-        if host.current is None and not host.loading:
+        if not host.ready:
             raise RuntimeError(f"replica {self.replica_id} has no model loaded")
 
     def __del__(self) -> None:
@@ -103,15 +106,17 @@ def _replica_id() -> str:
     return f"{context.deployment}#{context.replica_tag}"
 
 
-def _startup_model_path(host: ModelHost) -> Path:
-    """MODEL from the shared MODEL_PATH, or the embedded default model assembled once per node:
+def _startup_plan(settings: Settings) -> StartupPlan:
+    """The start-up plan, with the embedded default model (MODEL empty) assembled once per node:
     replicas on one node wait on a lock file while the first one assembles (and sha256-checks)
     it; the others then find it there, intact."""
-    if host.settings.model.strip():
-        return host.startup_model_path()
-    host.model_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(host.model_dir / LOCK_NAME):
-        return ensure_default_model(host.model_dir)
+
+    def assemble(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _file_lock(folder / LOCK_NAME):
+            return ensure_default_model(folder)
+
+    return plan_startup(settings, assemble=assemble)
 
 
 @contextlib.contextmanager

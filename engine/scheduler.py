@@ -1,22 +1,22 @@
-"""Continuous batching: one llama.cpp context decoding up to N_PARALLEL sequences per step.
+"""Continuous batching: one runtime decoding up to N_PARALLEL sequences per step.
 
-A scheduler thread owns the context. Requests wait in a bounded FIFO (`MAX_QUEUE`; full → 503
-with Retry-After) until a sequence slot is free; then each step builds one `llama_batch` holding
-the next token of every decoding sequence plus chunks of the prompts being read (so a long prompt
-never stalls the others), runs one `llama_decode`, and samples every sequence that has logits
-with its own native sampler chain (plain greedy takes the argmax). Finished, cancelled and
-timed-out sequences leave at once.
+A scheduler thread drives the runtime (engine/runtime.py: the llama.cpp handles). Requests wait
+in a bounded FIFO (`MAX_QUEUE`; full → 503 with Retry-After) until a sequence slot is free; then
+each step builds one batch holding the next token of every decoding sequence plus chunks of the
+prompts being read (so a long prompt never stalls the others), runs one decode, and samples every
+sequence that has logits with its own sampler chain (plain greedy takes the argmax). Finished,
+cancelled and timed-out sequences leave at once.
 
 Each slot is a KV-cache sequence of its own, N_CTX tokens long (the context is split, not shared:
-a request's limit does not depend on the others). A new request goes to the free slot whose
-cached tokens share the longest prefix with its prompt, or gets the state of a recent prompt
-from the conversation cache; only the new tokens are evaluated.
+a request's limit does not depend on the others). Which slot a prompt goes to, and how much of it
+is reused from that slot or from a state in the conversation cache, is decided by the slot policy
+(engine/slot_policy.py) from plain data, so that reuse never changes a reply by a single bit;
+this module carries the decisions out. Only the new tokens are evaluated.
 """
 
 from __future__ import annotations
 
 import codecs
-import ctypes
 import logging
 import math
 import queue
@@ -25,30 +25,20 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from engine.admission import QueueFull, RequestTimeout, Unavailable
 from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
-from engine.prompt_cache import ConversationCache, common_prefix
+from engine.prompt_cache import CachedState, ConversationCache
+from engine.runtime import Runtime
+from engine.slot_policy import Slot, SlotPolicy
 
 log = logging.getLogger(__name__)
 
-PENALTY_LAST_N = 64  # recent generated tokens the repeat penalty looks at
-MIN_RESTORE_GAIN = 16  # restore a cached state only when it saves at least this many tokens
-# The conversation cache must not change a reply by a single bit, so prompt positions are always
-# computed along the same kernel path as when the whole prompt is read at once. llama.cpp's CPU
-# matrix kernels take a batch of 8 rows or more in groups of 4, and its last `rows % 4` rows along
-# another summation path; a batch under 8 rows (under 64 with flash attention, whose kernel tiles
-# 64 query rows) takes another path altogether. So a kept prefix ends, and reading resumes, at a
-# multiple of ROW_GROUP, and every part of a prompt is read in batches of at least MIN_ROWS.
-ROW_GROUP = 4
-MIN_ROWS = 8
-MIN_ROWS_FLASH_ATTN = 64
-SWA_ALIGN = 64
-CONTINUES_WITHIN = ROW_GROUP  # a prompt sharing all but this many of a slot's exact tokens continues it
+MAX_BANNED_ENDS = 8  # end-of-generation tokens a reply that must say something may ban in turn
 _DONE = object()
 
 
@@ -71,7 +61,7 @@ class Sequence:
     result: Generation | None = None
     cancelled: bool = False
     # scheduler state
-    slot: "Slot | None" = None
+    slot: Slot | None = None
     n_prompt_done: int = 0
     reused: int = 0
     chain: object = None
@@ -114,143 +104,49 @@ class Sequence:
         self.done.set()
 
 
-@dataclass(eq=False)
-class Slot:
-    seq_id: int
-    kv: np.ndarray  # tokens whose KV this sequence holds, positions 0..n_kv-1
-    n_kv: int = 0
-    # Positions 0..n_exact-1 hold exactly the KV that reading the prompt in full computes for them
-    # (read as prompt, in row groups); generated tokens (decoded one at a time) never count.
-    n_exact: int = 0
-    seq: Sequence | None = None
-    last_used: float = 0.0
+class Scheduler:
+    """The request queue of one runtime and the thread that drives it. `close()` finishes the
+    accepted requests, then closes the runtime: the scheduler owns it from construction on.
 
+    The runtime is anything with LlamaRuntime's interface (engine.runtime.Runtime): tokens, the
+    batch, sampling, and the KV memory of one sequence; it is used from the scheduler thread only,
+    but for `tokenize` and `special_token_text`."""
 
-def flash_attn_type(setting: str) -> int:
-    """llama.cpp's flash_attn_type for FLASH_ATTN (auto, on or off)."""
-    import llama_cpp as lib
-
-    return {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-            "off": lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}[setting]
-
-
-def sampler_chain(lib, n_vocab: int, params: SamplingParams, native: bool = False):
-    """A native sampler chain for `params` (free it with llama_sampler_free). top-k runs first,
-    so the penalty and the rest work on k candidates rather than the whole vocabulary (262k
-    entries for Gemma 3; a repeat penalty over all of them costs ~0.9 ms a token here).
-
-    Plain greedy decoding (temperature 0, no penalties) gets no chain (None) unless `native`: its
-    token is the argmax of the logits row, which the scheduler reads in place anyway for log p.
-    llama.cpp's greedy sampler first copies the row into a 262k-entry candidate array (0.3 ms a
-    token here, 2% of a decode step); numpy's argmax takes 0.04 ms and picks the same token (the
-    first of equal maxima, as llama.cpp does)."""
-    penalised = params.repeat_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-    if params.temperature <= 0 and not penalised and not native:
-        return None
-    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-    add: Callable = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731
-    if params.top_k > 0:
-        add(lib.llama_sampler_init_top_k(params.top_k))
-    if penalised:
-        add(lib.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, params.repeat_penalty,
-                                             params.frequency_penalty, params.presence_penalty))
-    if params.temperature <= 0:
-        add(lib.llama_sampler_init_greedy())
-    else:
-        add(lib.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0:
-            add(lib.llama_sampler_init_min_p(params.min_p, 1))
-        add(lib.llama_sampler_init_temp(params.temperature))
-        seed = lib.LLAMA_DEFAULT_SEED if params.seed is None else params.seed & 0xFFFFFFFF
-        add(lib.llama_sampler_init_dist(seed))
-    return chain
-
-
-class BatchEngine:
-    """A loaded model, its context and the scheduler thread that drives it."""
-
-    def __init__(self, path: Path, *, n_ctx: int, n_parallel: int, n_batch: int, n_threads: int,
-                 n_threads_batch: int, n_gpu_layers: int, flash_attn: str, kv_type: int, cache_bytes: int,
-                 max_queue: int, metrics=None, adapters: list[tuple[Path, float]] = ()) -> None:
-        import llama_cpp
-        from llama_cpp import _internals
-
-        if min(n_batch, n_ctx) < n_parallel:  # a decode step holds one token of every sequence
-            raise ValueError(f"n_batch ({min(n_batch, n_ctx)}) must be at least n_parallel ({n_parallel})")
-        self._lib = lib = llama_cpp
-        model_params = lib.llama_model_default_params()
-        model_params.n_gpu_layers = n_gpu_layers
-        self.model = _internals.LlamaModel(path_model=str(path), params=model_params, verbose=False)
-        ctx_params = lib.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx * n_parallel
-        ctx_params.n_seq_max = n_parallel
-        ctx_params.kv_unified = False  # one KV stream of n_ctx cells per sequence
-        ctx_params.n_batch = ctx_params.n_ubatch = min(n_batch, n_ctx)
-        ctx_params.n_threads, ctx_params.n_threads_batch = n_threads, n_threads_batch
-        ctx_params.flash_attn_type = flash_attn_type(flash_attn)
-        ctx_params.type_k = ctx_params.type_v = kv_type
-        ctx_params.swa_full = True  # lets a sequence drop a suffix of its cache (prefix reuse)
-        ctx_params.no_perf = True
-        try:
-            self.context = _internals.LlamaContext(model=self.model, params=ctx_params, verbose=False)
-        except Exception:
-            self.model.close()
-            raise
-        self.ctx = self.context.ctx
-        self._adapters = []
-        try:
-            self._apply_adapters(adapters)
-        except Exception:
-            self._free_adapters()
-            self.context.close()
-            self.model.close()
-            raise
-        self.vocab = self.model.vocab
-        self.mem = lib.llama_get_memory(self.ctx)
-        self.n_ctx = n_ctx
-        self.n_parallel = n_parallel
-        self.n_batch = ctx_params.n_batch
-        self.n_vocab = self.model.n_vocab()
-        self.metadata = self.model.metadata()
+    def __init__(self, runtime: Runtime, *, cache_bytes: int, max_queue: int, metrics=None) -> None:
+        self.runtime = runtime
         self.max_queue = max_queue
-        self.n_swa = lib.llama_model_n_swa(self.model.model)  # sliding-window size (0: none)
-        self.flash_attn = ctx_params.flash_attn_type != lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # auto: on (CPU, CUDA)
-        self.min_rows = MIN_ROWS_FLASH_ATTN if self.flash_attn else MIN_ROWS
-        self.cache = ConversationCache(cache_bytes)
         self.metrics = metrics
-        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        self._piece_buf = ctypes.create_string_buffer(64)
-        self.slots = [Slot(i, np.zeros(n_ctx, dtype=np.int32)) for i in range(n_parallel)]
+        self.cache = ConversationCache(cache_bytes)
+        self.policy = SlotPolicy(n_swa=runtime.n_swa, flash_attn=runtime.flash_attn, cache_enabled=self.cache.enabled)
+        self.slots = [Slot(i, np.zeros(runtime.n_ctx, dtype=np.int32)) for i in range(runtime.n_parallel)]
         self._pending: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._recent_s = 2.0  # moving estimate of one request's time, for Retry-After
-        self._thread = threading.Thread(target=self._run, name=f"scheduler-{path.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{Path(runtime.path).name}", daemon=True)
         self._thread.start()
 
-    # -- tokens -----------------------------------------------------------------------------
+    # -- the model, as the layers above see it ------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one request may hold (prompt and reply): N_CTX, per sequence."""
+        return self.runtime.n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        return self.runtime.n_parallel
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.runtime.metadata
+
     def tokenize(self, text: str) -> np.ndarray:
         """The prompt as the model sees it (BOS added when the model wants one)."""
-        return np.asarray(self.model.tokenize(text.encode("utf-8"), add_bos=True, special=True), dtype=np.int32)
-
-    def piece(self, token: int) -> bytes:
-        """The bytes of one token; llama.cpp returns -needed when the buffer is too small."""
-        lib = self._lib
-        n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        if n < 0:
-            self._piece_buf = ctypes.create_string_buffer(-n)
-            n = lib.llama_token_to_piece(self.vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
-        return self._piece_buf.raw[:n]
+        return self.runtime.tokenize(text)
 
     def special_token_text(self) -> tuple[str, str, bool]:
         """(BOS text, EOS text, whether the tokenizer adds BOS) for chat templates."""
-        lib = self._lib
-
-        def text(token: int) -> str:
-            return "" if token < 0 else lib.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
-
-        return (text(lib.llama_vocab_bos(self.vocab)), text(lib.llama_vocab_eos(self.vocab)),
-                bool(lib.llama_vocab_get_add_bos(self.vocab)))
+        return self.runtime.special_token_text()
 
     def check_fits(self, prompt: np.ndarray, max_tokens: int) -> None:
         if len(prompt) + max_tokens > self.n_ctx:
@@ -270,6 +166,11 @@ class BatchEngine:
     def active(self) -> int:
         return sum(s.seq is not None for s in self.slots)
 
+    @property
+    def recent_s(self) -> float:
+        """A moving estimate of one request's time, in seconds (for Retry-After)."""
+        return self._recent_s
+
     def submit(self, tokens: np.ndarray, params: SamplingParams, reply: ReplyText, started: float,
                deadline: float) -> Sequence:
         """Queue a request (503 at once when MAX_QUEUE requests already wait)."""
@@ -288,35 +189,13 @@ class BatchEngine:
         return seq
 
     def close(self) -> None:
-        """Finish what was accepted, then free the context and the model."""
+        """Finish what was accepted, stop the thread, then close the runtime (idempotent)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
-        self._lib.llama_batch_free(self._batch)
-        self.context.close()
-        self._free_adapters()
-        self.model.close()
-
-    def _apply_adapters(self, adapters: list[tuple[Path, float]]) -> None:
-        """Load LoRA adapters (GGUF) for this model and set them, with their scales, on the context."""
-        lib = self._lib
-        for path, _scale in adapters:
-            adapter = lib.llama_adapter_lora_init(self.model.model, str(path).encode("utf-8"))
-            if not adapter:
-                raise EngineError(f"llama.cpp could not load the LoRA adapter {path.name}: not a LoRA GGUF, or "
-                                  "made for another base model")
-            self._adapters.append(adapter)
-        if self._adapters:
-            arr = (lib.llama_adapter_lora_p_ctypes * len(self._adapters))(*self._adapters)
-            scales = (ctypes.c_float * len(self._adapters))(*[scale for _, scale in adapters])
-            if lib.llama_set_adapters_lora(self.ctx, arr, len(self._adapters), scales):
-                raise EngineError("llama.cpp could not apply the LoRA adapters to the context")
-
-    def _free_adapters(self) -> None:
-        for adapter in self._adapters:
-            self._lib.llama_adapter_lora_free(adapter)
-        self._adapters = []
+        self.runtime.close()
+        self.cache.clear()  # its KV states belong to this model: no one can restore them now
 
     def _report_queue(self) -> None:
         if self.metrics is not None:
@@ -367,69 +246,32 @@ class BatchEngine:
         seq.end(RequestTimeout("the request timed out waiting in the queue (REQUEST_TIMEOUT_S)"))
 
     def _place(self, seq: Sequence) -> None:
-        """Put `seq` in a free slot (`_pick_slot`), resume from what that slot or a saved state holds
-        exactly of its prompt, drop the rest of the slot's cache, and prepare its sampler."""
-        enabled = self.cache.enabled
-        slot = self._pick_slot(seq.tokens)
-        keep = self._resume_point(common_prefix(slot.kv[:slot.n_exact], seq.tokens) if enabled else 0, seq.tokens)
-        if not self._can_resume(slot, keep):
-            keep = 0
-        if enabled:
-            entry, restore = self.cache.best(seq.tokens, lambda e, n: self._restore_point(e, n, seq.tokens))
-            if entry is not None and restore >= keep + MIN_RESTORE_GAIN:
-                self._save(slot, 0)
-                keep = restore if self._restore(slot, entry) else 0
-                if keep:
-                    self.cache.hits += 1
-                    if self.metrics is not None:
-                        self.metrics.cache_hits.labels(cache="conversation").inc()
-            elif keep < slot.n_kv:
-                self._save(slot, keep)
+        """Carry out the policy's placement of `seq` (SlotPolicy.place): save the slot's exact
+        prefix, restore a cached state, drop the rest of the slot's cache; then prepare its
+        sampler. The policy sees the best cached state's gain and, with a sliding window, the first
+        position each free slot still holds."""
+        rt, prompt, policy = self.runtime, seq.tokens, self.policy
+        entry, restore = None, 0
+        if self.cache.enabled:
+            entry, restore = self.cache.best(prompt, lambda e, n: policy.restore_point(len(e.tokens), n, len(prompt)))
+        first_held = {s.seq_id: rt.seq_pos_min(s.seq_id) for s in self.slots if s.seq is None} if policy.n_swa else {}
+        placement = policy.place(self.slots, prompt, restore, first_held)
+        slot, keep = placement.slot, placement.keep
+        if placement.save:
+            self._save(slot, placement.save)
+        if placement.restore:
+            keep = keep if self._restore(slot, entry) else 0
+            if keep:
+                self.cache.hits += 1
+                if self.metrics is not None:
+                    self.metrics.cache_hits.labels(cache="conversation").inc()
         keep = self._truncate(slot, keep)
         seq.slot, seq.n_prompt_done, seq.reused = slot, keep, keep
-        seq.chain = self._sampler(seq.params)
+        seq.chain = rt.new_sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
 
-    def _pick_slot(self, tokens: np.ndarray) -> Slot:
-        """The free slot whose exact prefix this prompt continues (the same conversation, one turn
-        on), else an empty slot, else the least recently used one. Conversations that only share an
-        opening (a system prompt, or two students on the same case) do not evict each other while
-        there are slots for all of them."""
-        free = [s for s in self.slots if s.seq is None]
-        if self.cache.enabled:
-            for s in sorted(free, key=lambda s: -s.n_exact):
-                if s.n_exact and common_prefix(s.kv[:s.n_exact], tokens) >= s.n_exact - CONTINUES_WITHIN:
-                    return s
-        empty = [s for s in free if s.n_kv == 0]
-        return empty[0] if empty else min(free, key=lambda s: s.last_used)
-
-    def _resume_point(self, reuse: int, prompt: np.ndarray) -> int:
-        """Where reading `prompt` resumes when `reuse` of its tokens are cached: on a row-group
-        boundary, with at least `min_rows` prompt tokens left to read."""
-        keep = max(0, min(reuse, len(prompt) - self.min_rows))
-        return keep - keep % ROW_GROUP
-
-    def _restore_point(self, entry, shared: int, prompt: np.ndarray) -> int:
-        """Where reading `prompt` would resume from a saved state sharing `shared` of its tokens; 0
-        when it cannot: a state longer than the sliding window holds only the window's last cells,
-        so it is only continued from its very end."""
-        keep = self._resume_point(shared, prompt)
-        return keep if keep == len(entry.tokens) or not self._windowed(len(entry.tokens)) else 0
-
-    def _windowed(self, n: int) -> bool:
-        """Whether a saved state of `n` tokens keeps only the sliding window's last cells."""
-        return 0 < self.n_swa < n
-
-    def _can_resume(self, slot: Slot, keep: int) -> bool:
-        """Whether the slot's cache still holds what a token at position `keep` attends to: a state
-        restored from the conversation cache lacks the cells before its last sliding window
-        (llama.cpp saves only those), so it cannot be cut back into that window."""
-        if keep == 0 or not self.n_swa:
-            return True
-        return self._lib.llama_memory_seq_pos_min(self.mem, slot.seq_id) <= max(0, keep - self.n_swa)
-
     def _step(self) -> None:
-        """One llama_decode for every active sequence, then sample those that have logits."""
+        """One decode for every active sequence, then sample those that have logits."""
         now = time.perf_counter()
         for seq in [s.seq for s in self.slots if s.seq is not None]:
             if seq.cancelled:
@@ -438,39 +280,31 @@ class BatchEngine:
                 self._finish(seq, RequestTimeout(
                     f"the request timed out after {now - seq.started:.1f} s with {seq.n_tokens} tokens "
                     "generated (REQUEST_TIMEOUT_S)"))
+        rt = self.runtime
         active = [s.seq for s in self.slots if s.seq is not None]
         decoding = [q for q in active if q.pending_token is not None]
         prefilling = sorted((q for q in active if q.pending_token is None), key=lambda q: q.started)
-        n = 0
+        rt.batch_clear()
         wants: list[tuple[Sequence, int]] = []  # sequences to sample, and where their logits are
         for seq in decoding:  # one token each: decoding never waits for a prompt to be read
-            self._add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, n, True)
-            wants.append((seq, n))
-            n += 1
+            wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))
+        n = len(decoding)
         chunks: list[tuple[Sequence, int]] = []
         for seq in prefilling:  # then prompts, in chunks that fill the rest of the batch
-            start, room = seq.n_prompt_done, self.n_batch - n
+            start, room = seq.n_prompt_done, rt.n_batch - n
             if room <= 0:
                 break
-            end = min(start + room, len(seq.tokens))
-            if end < len(seq.tokens):  # on a row-group boundary, leaving min_rows to read, room permitting
-                aligned = min(end, len(seq.tokens) - self.min_rows)
-                aligned -= aligned % ROW_GROUP
-                end = aligned if aligned > start else end
-            chunk = seq.tokens[start:end].tolist()
+            end = self.policy.chunk_end(start, room, len(seq.tokens))
             last = end == len(seq.tokens)
-            for i, tok in enumerate(chunk):
-                self._add(seq.slot.seq_id, tok, start + i, n, last and i == len(chunk) - 1)
-                n += 1
-            chunks.append((seq, len(chunk)))
+            for pos, tok in enumerate(seq.tokens[start:end].tolist(), start):
+                rt.batch_add(seq.slot.seq_id, tok, pos, last and pos == end - 1)
+            n += end - start
+            chunks.append((seq, end - start))
             if last:
                 wants.append((seq, n - 1))
         if n == 0:
             return
-        self._batch.n_tokens = n
-        rc = self._lib.llama_decode(self.ctx, self._batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode failed with status {rc}")
+        rt.decode()
         for seq in decoding:  # the batch went in: record what each sequence's cache now holds
             slot = seq.slot
             slot.kv[slot.n_kv] = seq.pending_token
@@ -480,43 +314,30 @@ class BatchEngine:
             slot, start = seq.slot, seq.n_prompt_done
             slot.kv[start:start + k] = seq.tokens[start:start + k]
             slot.n_kv = seq.n_prompt_done = start + k
-            # Exact up to the last full row group. A part read beside other sequences' tokens counts
-            # too (llama.cpp then splits the batch its own way): requests decoded together are not
-            # bit-exact against the same requests alone anyway, and not reusing their prompts would
-            # make the next turn of every interview under load read its whole transcript again.
-            if slot.n_exact == start and k >= self.min_rows:
-                slot.n_exact = start + k - (start + k) % ROW_GROUP
+            slot.n_exact = self.policy.exact_after(slot.n_exact, start, k)
         for seq, index in wants:
             self._sample(seq, index)
 
-    def _add(self, seq_id: int, token: int, pos: int, i: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq_id
-        b.logits[i] = logits
-
     def _sample(self, seq: Sequence, index: int) -> None:
-        lib = self._lib
-        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
-        if seq.chain is None:  # plain greedy: the argmax, read in place (see _sampler)
+        rt = self.runtime
+        logits = rt.logits(index)
+        if seq.chain is None:  # plain greedy: the argmax, read in place (see runtime.sampler_chain)
             token = int(logits.argmax())
         else:
-            token = lib.llama_sampler_sample(seq.chain, self.ctx, index)
-        if seq.reply.require_text and lib.llama_vocab_is_eog(self.vocab, token) and not seq.reply.text.strip():
+            token = rt.sample(seq.chain, index)
+        if seq.reply.require_text and rt.is_eog(token) and not seq.reply.text.strip():
             token = self._sample_without_end(seq, index, token)
         now = time.perf_counter()
         seq.t_last = now
         seq.t_first = seq.t_first or now
-        if lib.llama_vocab_is_eog(self.vocab, token):
+        if rt.is_eog(token):
             self._finish(seq, finish="eos")
             return
         seq.n_tokens += 1
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
-        seq.logprob_sum += self._logprob(logits, token)
-        if seq.reply.add(seq.decoder.decode(self.piece(token))):
+        seq.logprob_sum += _logprob(logits, token)
+        if seq.reply.add(seq.decoder.decode(rt.piece(token))):
             self._finish(seq, finish="stop")
             return
         if seq.n_tokens >= seq.params.max_tokens:
@@ -530,30 +351,24 @@ class BatchEngine:
     def _sample_without_end(self, seq: Sequence, index: int, token: int) -> int:
         """A reply that must say something may not end before its first word: sample again with
         the end-of-generation tokens banned (a fine-tuned persona can learn to stop at once)."""
-        lib = self._lib
         banned: list[int] = []
-        while lib.llama_vocab_is_eog(self.vocab, token) and len(banned) < 8:
+        while self.runtime.is_eog(token) and len(banned) < MAX_BANNED_ENDS:
             banned.append(token)
-            biases = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(t, -math.inf) for t in banned])
-            chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases))
-            lib.llama_sampler_chain_add(chain, self._sampler(seq.params, native=True))
-            token = lib.llama_sampler_sample(chain, self.ctx, index)
-            lib.llama_sampler_free(chain)
+            token = self.runtime.sample_banning(seq.params, index, banned)
         return token
 
     def _finish(self, seq: Sequence, error: BaseException | None = None, finish: str = "") -> None:
         """Take `seq` out of its slot and hand its result (or error) to the waiting request."""
         slot = seq.slot
         if seq.chain is not None:
-            self._lib.llama_sampler_free(seq.chain)
+            self.runtime.free_sampler(seq.chain)
             seq.chain = None
         slot.seq = None
         seq.pending_token = None
         if error is not None:
             # Its cells are freed now, so the next request in this slot has the whole context.
-            self._lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-            slot.n_kv = slot.n_exact = 0
+            self.runtime.seq_clear(slot.seq_id)
+            slot.clear()
             if isinstance(error, RequestTimeout) and self.metrics is not None:
                 self.metrics.timeouts.inc()
             seq.end(error)
@@ -578,68 +393,46 @@ class BatchEngine:
 
     # -- KV cache of one slot -----------------------------------------------------------------
     def _truncate(self, slot: Slot, keep: int) -> int:
+        """Drop what the slot holds past `keep`; returns what it keeps (0 when the cache cannot
+        drop a suffix: a sliding-window cache that is not full size, a recurrent one)."""
         if keep >= slot.n_kv:
             return slot.n_kv
-        if not self._lib.llama_memory_seq_rm(self.mem, slot.seq_id, keep, -1):
-            # Some caches (a sliding-window one that is not full size) cannot drop a suffix.
-            self._lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+        if not self.runtime.seq_rm(slot.seq_id, keep, -1):
+            self.runtime.seq_clear(slot.seq_id)
             keep = 0
-        slot.n_kv = keep
-        slot.n_exact = min(slot.n_exact, keep)
+        slot.cut(keep)
         return keep
 
-    def _save(self, slot: Slot, keep: int) -> None:
-        """Put the slot's exact prefix into the conversation cache, unless it is there or the slot
-        keeps it anyway (`keep` tokens); the rest of the slot (its generated tokens) is dropped.
-        A state longer than the sliding window is saved with a length that starts its window on a
-        multiple of SWA_ALIGN: restored at cell 0, its cells then line up with the SIMD lanes of
-        llama.cpp's attention as in a context that read the prompt in full. With flash attention
-        such a state is not saved: restored, it holds fewer cells than a full read, and the decode
-        kernel splits its work by the number of cells."""
-        n = slot.n_exact
-        if self._windowed(n - self.min_rows):  # continued only from its end: even the same prompt again
-            if self.flash_attn:  # its decode kernel splits the cells it reads by their count: not exact
-                return
-            n -= self.min_rows
-            n -= (n - self.n_swa) % SWA_ALIGN
-        if not self.cache.enabled or n <= keep or not self._can_resume(slot, n):
-            return
+    def _save(self, slot: Slot, n: int) -> None:
+        """Put the first `n` tokens of the slot's exact prefix into the conversation cache (the
+        length comes from SlotPolicy.save_length); the rest of the slot is dropped."""
         if self._truncate(slot, n) < n:  # a cache that cannot drop a suffix (recurrent): nothing to save
             return
         tokens = slot.kv[:n]
         if self.cache.contains(tokens):
             return
-        lib = self._lib
-        size = lib.llama_state_seq_get_size(self.ctx, slot.seq_id)
-        buf = (ctypes.c_uint8 * size)()
-        written = lib.llama_state_seq_get_data(self.ctx, buf, size, slot.seq_id)
-        if written:
-            self.cache.put(tokens, bytes(buf)[:written])
+        state = self.runtime.state_get(slot.seq_id)
+        if state:
+            self.cache.put(tokens, state)
 
-    def _restore(self, slot: Slot, entry) -> bool:
-        lib = self._lib
-        lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
-        slot.n_kv = slot.n_exact = 0
-        buf = (ctypes.c_uint8 * len(entry.state)).from_buffer_copy(entry.state)
-        if not lib.llama_state_seq_set_data(self.ctx, buf, len(entry.state), slot.seq_id):
+    def _restore(self, slot: Slot, entry: CachedState) -> bool:
+        rt = self.runtime
+        rt.seq_clear(slot.seq_id)
+        slot.clear()
+        if not rt.state_set(slot.seq_id, entry.state):
             log.warning("could not restore a cached state; evaluating the prompt in full")
-            lib.llama_memory_seq_rm(self.mem, slot.seq_id, -1, -1)
+            rt.seq_clear(slot.seq_id)
             return False
-        slot.kv[:len(entry.tokens)] = entry.tokens
-        slot.n_kv = slot.n_exact = len(entry.tokens)  # only exact prefixes are saved
+        slot.restored(entry.tokens)
         return True
 
-    # -- sampling -------------------------------------------------------------------------------
-    @staticmethod
-    def _logprob(logits: np.ndarray, token: int) -> float:
-        """log p(token) from a row of llama.cpp's logits, worked on in place: no copy into Python
-        and no temporary arrays (262k floats each). It overwrites the row, so it must be the
-        row's last reader (sampling is done; the next decode refills it)."""
-        top = logits.max()
-        chosen = float(logits[token])
-        np.subtract(logits, top, out=logits)
-        np.exp(logits, out=logits)
-        return chosen - float(top) - math.log(float(logits.sum()))
 
-    def _sampler(self, params: SamplingParams, native: bool = False):
-        return sampler_chain(self._lib, self.n_vocab, params, native)
+def _logprob(logits: np.ndarray, token: int) -> float:
+    """log p(token) from a row of llama.cpp's logits, worked on in place: no copy into Python
+    and no temporary arrays (262k floats each). It overwrites the row, so it must be the
+    row's last reader (sampling is done; the next decode refills it)."""
+    top = logits.max()
+    chosen = float(logits[token])
+    np.subtract(logits, top, out=logits)
+    np.exp(logits, out=logits)
+    return chosen - float(top) - math.log(float(logits.sum()))

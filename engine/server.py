@@ -12,8 +12,10 @@ import threading
 from engine.app import create_app
 from engine.errors import EngineError, ModelLoadError
 from engine.logs import configure_logging
-from engine.model_host import ModelHost, check_gguf_file, describe_path
+from engine.model_files import describe_path
+from engine.model_manager import ModelManager
 from engine.settings import Settings
+from engine.startup import plan_startup
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +23,9 @@ log = logging.getLogger(__name__)
 def serve(settings: Settings) -> int:
     """Serve until interrupted. Returns the exit status."""
     configure_logging(settings.log_level, settings.log_format, settings.log_prompts)
-    host = ModelHost(settings)
-    path = host.startup_model_path()
-    adapters = host.startup_adapters()
-    try:
-        check_gguf_file(path)  # the quick refusals (missing, not GGUF) before anything listens
-        for adapter in adapters:
-            check_gguf_file(adapter.path)
-    except EngineError as exc:
-        raise ModelLoadError(f"cannot start: {exc.message}") from exc
+    plan = plan_startup(settings)
+    plan.check()  # the quick refusals (missing, not GGUF) before anything listens
+    host = ModelManager(settings)
     app = create_app(settings, host)
 
     from waitress import create_server
@@ -49,9 +45,9 @@ def serve(settings: Settings) -> int:
     failure: list[str] = []
 
     def load() -> None:
-        log.info("loading model %s", describe_path(path))
+        log.info("loading model %s", describe_path(plan.spec.path))
         try:
-            model = host.load(path, adapters)
+            model, _seconds = host.load(plan.spec)
         except EngineError as exc:
             failure.append(f"cannot start: {exc.message}")
             server.close()  # run() returns once nothing is left to serve

@@ -12,10 +12,9 @@ from flask import Response, has_request_context, request
 
 from engine.admission import QueueFull
 from engine.chat import ChatPrompt, chat_prompt
-from engine.errors import ModelNotReady
 from engine.generation import Generation, ReplyText, SamplingParams, StopRules
 from engine.logs import log_prompt
-from engine.model_host import LoadedModel, ModelHost
+from engine.model_manager import Lease, LoadedModel, ModelManager
 
 
 def _request_fields() -> dict:
@@ -44,25 +43,23 @@ class Job:
 
 
 class Run:
-    """A job submitted to the model's scheduler.
+    """A job submitted to a model's scheduler, holding a lease on that model until it ends.
 
     Creating it tokenizes the prompt (a prompt that does not fit is a 400) and queues it (a full
     queue is a 503), before any response starts. Iterating yields stable reply text as it comes
     (one item per token, often ""), after the wait for a free sequence slot; `wait()` blocks until
-    the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it: safe at
-    any time, also when iteration never started or stopped early (a client that went away).
+    the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it and
+    gives the lease back: safe at any time and more than once, also when iteration never started
+    or stopped early (a client that went away). `start()` makes one.
     """
 
-    def __init__(self, host: ModelHost, job: Job) -> None:
-        self.host, self.job = host, job
+    def __init__(self, host: ModelManager, lease: Lease, job: Job) -> None:
+        self.host, self.lease, self.job = host, lease, job
         self.seq = None
         self._hit: Generation | None = None
-        model = host.current
-        if model is None:
-            raise ModelNotReady("no model is loaded yet; retry shortly or POST /load-model")
+        self.model = model = lease.model
         job.model_name = model.name
         job.adapters = model.describe_adapters()
-        self.model = model
         if job.params.deterministic:
             self._hit = host.responses.get(_response_key(job, model))
             if self._hit is not None:
@@ -78,8 +75,14 @@ class Run:
             host.metrics.rejections.inc()
             raise
 
+    @property
+    def load_seconds(self) -> float:
+        """Seconds this request spent loading its model (0 when it was resident)."""
+        return self.lease.load_seconds
+
     def __iter__(self) -> Iterator[str]:
         if self._hit is not None:
+            self.close()
             yield self._cached().text
             return
         try:
@@ -91,6 +94,7 @@ class Run:
     def wait(self) -> Generation:
         """Run to the end without following it token by token (a non-streaming reply)."""
         if self._hit is not None:
+            self.close()
             return self._cached()
         try:
             self.seq.wait()
@@ -123,7 +127,8 @@ class Run:
 
     def close(self) -> None:
         if self.seq is not None and self.seq.result is None:
-            self.seq.cancel()
+            self.seq.cancel()  # the scheduler drops it at its next step (it finishes before a close)
+        self.lease.release()
 
     def _record(self, r: Generation) -> None:
         """Token counts into the access log; prompt and reply into the opt-in history only."""
@@ -142,9 +147,22 @@ def streaming_response(body: Iterator[str], run: Run, mimetype: str) -> Response
     return response
 
 
-def complete(host: ModelHost, job: Job) -> str:
-    """Run `job` to the end; returns the reply text (`job.result` has the rest)."""
-    run = Run(host, job)
+def start(host: ModelManager, name: str | None, make_job: Callable[[LoadedModel], Job], *,
+          keep_alive_s: float | None = None, started: float | None = None) -> Run:
+    """Lease the model `name` means (the default when empty; loading it if need be, within the
+    request's deadline), build the job for it (`make_job` may render a chat template with the
+    model), and submit it. The lease ends with the run, or here if anything fails."""
+    started = time.perf_counter() if started is None else started
+    lease = host.acquire(name, keep_alive_s=keep_alive_s, deadline=started + host.settings.request_timeout_s)
+    try:
+        return Run(host, lease, make_job(lease.model))
+    except BaseException:
+        lease.release()
+        raise
+
+
+def complete(run: Run) -> str:
+    """Run to the end; returns the reply text (`run.job.result` has the rest)."""
     try:
         return run.wait().text
     finally:
@@ -160,7 +178,8 @@ def stop_key(stop: Sequence[str] | None) -> tuple:
 
 
 def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]]) -> ChatPrompt:
-    """`messages` rendered for `model` with its GGUF chat template (or the fallback transcript)."""
+    """`messages` rendered for `model` with its GGUF chat template (or the fallback transcript).
+    The caller holds a lease on `model` (its vocabulary is read)."""
     bos, eos, adds_bos = model.engine.special_token_text()
     return chat_prompt(model.metadata.get("tokenizer.chat_template"), messages, bos_token=bos,
                        eos_token=eos, tokenizer_adds_bos=adds_bos)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -69,8 +70,9 @@ class Settings:
         "MODEL_PATH", "Folder of GGUF model files; /load-model only loads files inside it.",
         factory=lambda: REPO_ROOT / "models", default_doc="`models/` in the repo (`/models` in Docker)")
     model: str = _setting(
-        "MODEL", "Model to load at start-up: a file name under MODEL_PATH or a path. "
-        "Empty: the embedded default model (Gemma 3 270M Q4_K_M).", "",
+        "MODEL", "Model to load at start-up (the default model): a file name under MODEL_PATH, a path, a preset "
+        "or an Ollama-style alias from the catalog (`llama3.1:8b`). Empty: the embedded default model (Gemma 3 "
+        "270M Q4_K_M).", "",
         default_doc="empty (embedded default)")
     lora: str = _setting(
         "LORA", "LoRA adapters (GGUF, from `ai-engine convert-lora`) applied on top of the model: "
@@ -125,6 +127,22 @@ class Settings:
     max_queue: int = _setting(
         "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
         "answers 503 with Retry-After at once.", 32, minimum=0)
+    max_loaded_models: int = _setting(
+        "MAX_LOADED_MODELS", "Models resident at once (each with its own N_PARALLEL sequences and KV cache). "
+        "A request for another model unloads the least recently used idle one, as Ollama does.", 3, minimum=1)
+    memory_budget_mb: int = _setting(
+        "MEMORY_BUDGET_MB", "RAM that resident models may take together, as the offload planner estimates "
+        "it (weights + KV cache + compute buffers + conversation cache). 0: the RAM available at start-up "
+        "less 1 GiB. GPU layers are held to the VRAM free at start-up (less the planner's margin).", 0,
+        default_doc="0 (available RAM at start-up less 1 GiB)", minimum=0)
+    keep_alive: str = _setting(
+        "KEEP_ALIVE", "How long a model loaded by a request stays after its last request (`5m`, `1h`, `30s`, "
+        "seconds; 0 unloads at once; negative keeps it). A request's own `keep_alive` wins. The default model "
+        "(MODEL, or the last /load-model) stays until a request says otherwise.", "5m")
+    load_on_request: bool = _setting(
+        "LOAD_ON_REQUEST", "Whether a request's `model` field may load a model that is not resident. `off` "
+        "pins the models: only MODEL and POST /load-model load one, and requests' keep_alive is ignored.",
+        True, default_doc="`on`")
     request_timeout_s: int = _setting(
         "REQUEST_TIMEOUT_S", "Deadline of a request in seconds, queue wait + generation; past it the "
         "generation stops and the client gets a 504.", 120, minimum=1)
@@ -178,11 +196,21 @@ class Settings:
         n_lora = len([x for x in self.lora.split(",") if x.strip()])
         if n_lora and len(scales) not in (1, n_lora):
             raise SettingsError(f"LORA_SCALE has {len(scales)} values for {n_lora} adapters", field="LORA_SCALE")
+        try:
+            parse_duration(self.keep_alive)
+        except ValueError as exc:
+            raise SettingsError(f"KEEP_ALIVE: {exc}", field="KEEP_ALIVE") from None
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT must be json or text, got {self.log_format!r}", field="LOG_FORMAT")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}",
                                 field="LOG_LEVEL")
+
+    @property
+    def keep_alive_s(self) -> float | None:
+        """KEEP_ALIVE in seconds; None: forever."""
+        seconds = parse_duration(self.keep_alive)
+        return None if seconds < 0 else seconds
 
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, args: argparse.Namespace | None = None,
@@ -216,6 +244,29 @@ class Settings:
             default = f.metadata["default_doc"] or f"`{f.default}`"
             rows.append(f"| `{f.metadata['env']}` | `--{_flag(f.name)}` | {default} | {f.metadata['help']} |")
         return "\n".join(rows)
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_PART = re.compile(rf"({_NUMBER})(ns|us|µs|ms|s|m|h)", re.ASCII)
+_DURATION = re.compile(rf"([+-]?)((?:{_NUMBER}(?:ns|us|µs|ms|s|m|h))+|{_NUMBER})", re.ASCII)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds in an Ollama `keep_alive`: a number of seconds, or a Go duration (`5m`, `1h30m`,
+    `300ms`, `-1m`); negative means forever. Raises ValueError with what is accepted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a duration such as 5m, 30s or -1, got {value!r}")
+    if not isinstance(value, str):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite duration, got {value!r}")
+        return float(value)
+    match = _DURATION.fullmatch(value.strip())
+    if match is None:
+        raise ValueError(f"expected a duration such as 5m, 1h30m, 30s, 0 or -1, got {value!r}")
+    sign, body = -1.0 if match.group(1) == "-" else 1.0, match.group(2)
+    parts = _DURATION_PART.findall(body)
+    return sign * (sum(float(n) * _DURATION_UNITS[u] for n, u in parts) if parts else float(body))
 
 
 def _flag(name: str) -> str:

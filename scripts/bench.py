@@ -51,7 +51,7 @@ import requests  # noqa: E402
 from engine.default_model import ensure_default_model  # noqa: E402
 from engine.generation import SamplingParams  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
-from engine.scheduler import flash_attn_type, sampler_chain  # noqa: E402
+from engine.runtime import flash_attn_type, sampler_chain  # noqa: E402
 from engine.settings import Settings, physical_cores  # noqa: E402
 from tests.server_process import start_server, stop_server  # noqa: E402
 

@@ -3,7 +3,7 @@
 llama.cpp's kernels do not give the same bits for a position read in a batch of 20 as in a batch of
 300, nor for a generated token, nor after a state is restored at other cells. The scheduler keeps
 and resumes only what reading the prompt in full computes (see ROW_GROUP, MIN_ROWS, SWA_ALIGN in
-engine/scheduler.py); these tests hold it to that, including long interviews past Gemma 3's
+engine/slot_policy.py); these tests hold it to that, including long interviews past Gemma 3's
 512-token sliding window, states saved and restored with one slot for several interviews, and
 flash attention.
 """
@@ -16,22 +16,23 @@ import pytest
 
 from engine.generation import SamplingParams
 from engine.patient import render_case_prompt, reply_text
-from engine.scheduler import BatchEngine
+from engine.runtime import LlamaRuntime
+from engine.scheduler import Scheduler
 
 QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
              "¿Qué te gustaría que cambie?"]
 PARAMS = SamplingParams(temperature=0, max_tokens=24)  # the simulator's temperature-0 call (repeat penalty on)
 
 
-def make(model_file, *, cache: bool, n_parallel: int, flash_attn: str = "off") -> BatchEngine:
+def make(model_file, *, cache: bool, n_parallel: int, flash_attn: str = "off") -> Scheduler:
     import llama_cpp as L
 
-    return BatchEngine(model_file, n_ctx=2048, n_parallel=n_parallel, n_batch=512, n_threads=2, n_threads_batch=2,
-                       n_gpu_layers=0, flash_attn=flash_attn, kv_type=L.GGML_TYPE_F16,
-                       cache_bytes=(256 << 20) if cache else 0, max_queue=8)
+    runtime = LlamaRuntime(model_file, n_ctx=2048, n_parallel=n_parallel, n_batch=512, n_threads=2,
+                           n_threads_batch=2, n_gpu_layers=0, flash_attn=flash_attn, kv_type=L.GGML_TYPE_F16)
+    return Scheduler(runtime, cache_bytes=(256 << 20) if cache else 0, max_queue=8)
 
 
-def generate(eng: BatchEngine, prompt: str):
+def generate(eng: Scheduler, prompt: str):
     started = time.perf_counter()
     seq = eng.submit(eng.tokenize(prompt), PARAMS, reply_text(None), started, started + 300)
     return seq.wait()
@@ -45,7 +46,7 @@ def long_history(case: dict, exchanges: int) -> list[list[str]]:
     return turns[:-1] + filler * exchanges + turns[-1:]
 
 
-def interview(cached: BatchEngine, fresh: BatchEngine, cases: list[dict], turns: int, exchanges: int) -> list[float]:
+def interview(cached: Scheduler, fresh: Scheduler, cases: list[dict], turns: int, exchanges: int) -> list[float]:
     """Interviews interleaved turn by turn, each reply fed back as the simulator does; asserts the
     same reply and the same `confianza` bits with and without the cache. → reused share per turn."""
     history = {c["id"]: long_history(c, exchanges) for c in cases}
@@ -128,8 +129,9 @@ def test_a_batch_smaller_than_the_minimum_rows_still_reads_the_prompt(default_mo
     room that never comes (the request timed out with no token before)."""
     import llama_cpp as L
 
-    eng = BatchEngine(default_model_file, n_ctx=512, n_parallel=2, n_batch=n_batch, n_threads=2, n_threads_batch=2,
-                      n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16, cache_bytes=64 << 20, max_queue=4)
+    runtime = LlamaRuntime(default_model_file, n_ctx=512, n_parallel=2, n_batch=n_batch, n_threads=2,
+                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
+    eng = Scheduler(runtime, cache_bytes=64 << 20, max_queue=4)
     try:
         started = time.perf_counter()
         prompt = "Estudiante: Hola, ¿cómo estás? Contame qué te trae por acá hoy.\nPaciente:"

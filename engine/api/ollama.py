@@ -2,15 +2,17 @@
 
 Field names, defaults and units follow Ollama's API documentation (durations in nanoseconds,
 `stream` true by default, NDJSON when streaming). Differences are listed in the README.
-A `model` that names another GGUF under MODEL_PATH switches the engine to it (as Ollama loads
-models on demand); an unknown one is a 404 `{"error": "model '...' not found"}`.
+A `model` that names a GGUF under MODEL_PATH (or a preset, or an alias such as `llama3.1:8b`) is
+loaded on demand beside the others, within MAX_LOADED_MODELS and the memory budget, and unloaded
+after `keep_alive` (see engine/model_manager.py); an unknown one is a 404
+`{"error": "model '...' not found"}`. `/api/ps` lists the resident models.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, current_app, jsonify
 
@@ -19,7 +21,8 @@ from engine.api import validation as v
 from engine.chat import validate_messages
 from engine.errors import BadRequest, EngineError
 from engine.generation import SamplingParams
-from engine.model_host import ModelHost
+from engine.errors import ModelNotFound
+from engine.model_manager import ModelManager
 
 bp = Blueprint("ollama", __name__, url_prefix="/api")
 
@@ -28,7 +31,7 @@ DEFAULTS = SamplingParams(max_tokens=0, temperature=0.8, top_p=0.9, top_k=40, mi
 NS = 1_000_000_000
 
 
-def _host() -> ModelHost:
+def _host() -> ModelManager:
     return current_app.extensions["model_host"]
 
 
@@ -85,15 +88,14 @@ def _stats(job: service.Job, load_s: float) -> dict:
     }
 
 
-def _respond(job: service.Job, stream: bool, load_s: float, wrap):
+def _respond(run: service.Run, stream: bool, wrap):
     """One JSON reply, or NDJSON: a line per token, then the final line with the statistics.
     `wrap(text)` shapes the text field of the surface (`response` or `message`)."""
-    host = _host()
+    job, load_s = run.job, run.load_seconds
     if not stream:
-        text = service.complete(host, job)
+        text = service.complete(run)
         return jsonify({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": True,
                         **_stats(job, load_s)})
-    run = service.Run(host, job)
 
     def line(obj: dict) -> str:
         return json.dumps(obj, ensure_ascii=False) + "\n"
@@ -126,19 +128,29 @@ def generate():
     stream = v.boolean(body, "stream", True)
     _refuse_unsupported(body, "images", "format", "template", "suffix")
     params, stop = _options(body)
-    model, load_s = _host().ensure_model(name)
-    if not prompt.strip():  # Ollama: an empty prompt just loads the model
-        return jsonify(model=ollama_name(model.name), created_at=_now(), response="", done=True, done_reason="load")
-    extra_stops: tuple[str, ...] = ()
-    if not raw and model.metadata.get("tokenizer.chat_template"):
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        chat = service.chat_prompt_for(model, messages)
-        prompt, extra_stops = chat.text, chat.extra_stops
-    elif system and not raw:
-        prompt = f"{system}\n\n{prompt}"
-    stops = (stop or []) + list(extra_stops)
-    job = service.plain_job(prompt, params, stops, started)
-    return _respond(job, stream, load_s, lambda text: {"response": text})
+    keep_alive = v.duration(body, "keep_alive")
+    host = _host()
+    if not prompt.strip():  # Ollama: an empty prompt just loads the model, or unloads it with keep_alive 0
+        if keep_alive == 0:
+            host.unload(name)
+            return jsonify(model=name, created_at=_now(), response="", done=True, done_reason="unload")
+        lease = host.acquire(name, keep_alive_s=keep_alive, deadline=started + host.settings.request_timeout_s)
+        lease.release()
+        return jsonify(model=ollama_name(lease.model.name), created_at=_now(), response="", done=True,
+                       done_reason="load")
+
+    def make_job(model) -> service.Job:
+        text, extra_stops = prompt, ()
+        if not raw and model.metadata.get("tokenizer.chat_template"):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            chat = service.chat_prompt_for(model, messages)
+            text, extra_stops = chat.text, chat.extra_stops
+        elif system and not raw:
+            text = f"{system}\n\n{text}"
+        return service.plain_job(text, params, (stop or []) + list(extra_stops), started)
+
+    run = service.start(host, name, make_job, keep_alive_s=keep_alive, started=started)
+    return _respond(run, stream, lambda text: {"response": text})
 
 
 @bp.post("/chat")
@@ -150,12 +162,15 @@ def chat():
     stream = v.boolean(body, "stream", True)
     _refuse_unsupported(body, "tools", "format")
     params, stop = _options(body)
+    keep_alive = v.duration(body, "keep_alive")
     messages = validate_messages(body.get("messages"))
-    model, load_s = _host().ensure_model(name)
-    prompt = service.chat_prompt_for(model, messages)
-    stops = (stop or []) + list(prompt.extra_stops)
-    job = service.plain_job(prompt.text, params, stops, started)
-    return _respond(job, stream, load_s, lambda text: {"message": {"role": "assistant", "content": text}})
+
+    def make_job(model) -> service.Job:
+        prompt = service.chat_prompt_for(model, messages)
+        return service.plain_job(prompt.text, params, (stop or []) + list(prompt.extra_stops), started)
+
+    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive, started=started)
+    return _respond(run, stream, lambda text: {"message": {"role": "assistant", "content": text}})
 
 
 @bp.get("/tags")
@@ -163,7 +178,7 @@ def tags():
     """Every GGUF under MODEL_PATH, with size, sha256 digest and details."""
     host = _host()
     models = []
-    for rel in host.list_models():
+    for rel in host.files.list_models():
         path = host.model_dir / rel
         try:
             d = gguf_info.describe(path, rel)
@@ -173,7 +188,7 @@ def tags():
             continue  # LoRA adapters are applied through presets, not run on their own
         models.append({"name": ollama_name(rel), "model": ollama_name(rel), "modified_at": d.modified_at,
                        "size": d.size, "digest": gguf_info.digest(path), "details": _details(d)})
-    for preset in host.presets().values():
+    for preset in host.files.presets().values():
         base = next((m for m in models if m["name"] == ollama_name(preset.base)), None)
         if base is not None:
             models.append({**base, "name": preset.name + ":latest", "model": preset.name + ":latest",
@@ -192,8 +207,9 @@ def show():
     body = v.json_body()
     name = v.string(body, "model") or v.string(body, "name", required=True)
     host = _host()
-    path = host.find_model(name)
-    if path is None:
+    try:
+        path = host.files.resolve(name).path
+    except ModelNotFound:
         return jsonify(error=f"model '{name}' not found"), 404
     try:
         d = gguf_info.describe(path, name)
@@ -205,6 +221,32 @@ def show():
     model_info = {k: val for k, val in d.metadata.items() if not k.startswith("tokenizer.chat_template")}
     return jsonify(modelfile=f"FROM {path}\n", parameters=parameters, template=template, details=_details(d),
                    model_info=model_info, capabilities=["completion"], modified_at=d.modified_at)
+
+
+@bp.get("/ps")
+def ps():
+    """The resident models, most recently used first: size (RAM + VRAM, as planned), VRAM part,
+    and when each unloads if left idle (far in the future when it stays)."""
+    host = _host()
+    models = []
+    for m in host.resident():
+        try:
+            d = gguf_info.describe(m.path, m.name)
+            details, digest = _details(d), gguf_info.digest(m.path)
+        except (OSError, ValueError, gguf_info.GGUFFormatError):
+            details, digest = {}, ""
+        name = ollama_name(m.preset or m.name)
+        expires = m.keep_alive_s if m.leases else m.expires_in_s
+        models.append({"name": name, "model": name, "size": m.ram_bytes + m.vram_bytes, "digest": digest,
+                       "details": details, "expires_at": _at(expires), "size_vram": m.vram_bytes,
+                       "context_length": m.n_ctx})
+    return jsonify(models=models)
+
+
+def _at(seconds: float | None) -> str:
+    """An RFC 3339 time `seconds` from now; None (never) is Ollama's far future (now + 2^63 ns)."""
+    delta = timedelta(seconds=(1 << 63) // NS if seconds is None else seconds)
+    return (datetime.now(timezone.utc) + delta).isoformat().replace("+00:00", "Z")
 
 
 @bp.get("/version")

@@ -19,12 +19,12 @@ from engine.api import validation as v
 from engine.chat import validate_messages
 from engine.errors import BadRequest, EngineError
 from engine.generation import SamplingParams
-from engine.model_host import ModelHost
+from engine.model_manager import ModelManager
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 
-def _host() -> ModelHost:
+def _host() -> ModelManager:
     return current_app.extensions["model_host"]
 
 
@@ -47,17 +47,36 @@ def openai_http_error(exc: HTTPException):
 
 @bp.get("/models")
 def models():
-    """Every GGUF under MODEL_PATH; `id` is what `model` accepts."""
+    """Every GGUF under MODEL_PATH and every preset; `id` is what `model` accepts. Resident
+    models say `loaded` (and their adapters)."""
     host = _host()
-    data = [{"id": rel, "object": "model", "created": int((host.model_dir / rel).stat().st_mtime), "owned_by": "ai-engine"}
-            for rel in host.list_models()]
-    data += [{"id": p.name, "object": "model", "created": 0, "owned_by": "ai-engine", "base": p.base,
-              "lora": list(p.lora)} for p in host.presets().values()]
-    current = host.current
-    for entry in data:  # which entry is loaded, and with which adapters
-        if current is not None and (entry["id"] == current.preset or current.preset is None and entry["id"] == current.name):
-            entry["loaded"], entry["active_lora"] = True, current.describe_adapters()
+    data = [_model_object(host, rel) for rel in host.files.list_models()]
+    data += [_model_object(host, p.name) for p in host.files.presets().values()]
     return jsonify(object="list", data=data)
+
+
+@bp.get("/models/<path:model_id>")
+def model(model_id: str):
+    """One model by any name `model` accepts (file, preset, alias); 404 `model_not_found` if none."""
+    host = _host()
+    host.files.resolve(model_id)  # ModelNotFound: 404 in OpenAI's shape
+    return jsonify(_model_object(host, model_id))
+
+
+def _model_object(host: ModelManager, model_id: str) -> dict:
+    spec = host.files.resolve(model_id)
+    try:
+        created = int(spec.path.stat().st_mtime) if spec.preset is None else 0
+    except OSError:
+        created = 0
+    entry = {"id": model_id, "object": "model", "created": created, "owned_by": "ai-engine"}
+    if spec.preset is not None:
+        preset = host.files.presets()[spec.preset]
+        entry.update(base=preset.base, lora=list(preset.lora))
+    resident = next((m for m in host.resident() if m.spec.key == spec.key), None)
+    if resident is not None:  # loaded, and with which adapters
+        entry["loaded"], entry["active_lora"] = True, resident.describe_adapters()
+    return entry
 
 
 def _params(body: dict, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:
@@ -94,17 +113,16 @@ def _finish(job: service.Job) -> str:
     return "length" if job.result.finish_reason == "length" else "stop"
 
 
-def _run(job: service.Job, stream: bool, include_usage: bool, obj: str, choice, chunk_choice):
+def _run(run: service.Run, stream: bool, include_usage: bool, obj: str, choice, chunk_choice):
     """A whole `obj` reply, or SSE chunks: one per token, the finish chunk, usage if asked, [DONE]."""
-    host = _host()
+    job = run.job
     rid = ("chatcmpl-" if obj == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     if not stream:
-        text = service.complete(host, job)
+        text = service.complete(run)
         return jsonify(id=rid, object=obj, created=created, model=job.model_name,
                        choices=[choice(text, _finish(job))], usage=_usage(job))
     chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
-    run = service.Run(host, job)
 
     def sse(payload) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -151,8 +169,8 @@ def completions():
                          field="prompt")
     params, stop = _params(body, default_max_tokens=16)
     stream, include_usage = _stream_flags(body)
-    _host().ensure_model(name)
-    job = service.plain_job(prompt, params, stop, started)
+    run = service.start(_host(), name, lambda _model: service.plain_job(prompt, params, stop, started),
+                        started=started)
 
     def choice(text, finish):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -160,7 +178,7 @@ def completions():
     def chunk_choice(text, finish, first=False):
         return None if first else choice(text or "", finish)
 
-    return _run(job, stream, include_usage, "text_completion", choice, chunk_choice)
+    return _run(run, stream, include_usage, "text_completion", choice, chunk_choice)
 
 
 @bp.post("/chat/completions")
@@ -172,10 +190,12 @@ def chat_completions():
     messages = validate_messages(body.get("messages"))
     params, stop = _params(body, default_max_tokens=0)
     stream, include_usage = _stream_flags(body)
-    model, _ = _host().ensure_model(name)
-    prompt = service.chat_prompt_for(model, messages)
-    stops = stop + list(prompt.extra_stops)
-    job = service.plain_job(prompt.text, params, stops, started)
+
+    def make_job(model) -> service.Job:
+        prompt = service.chat_prompt_for(model, messages)
+        return service.plain_job(prompt.text, params, stop + list(prompt.extra_stops), started)
+
+    run = service.start(_host(), name, make_job, started=started)
 
     def choice(text, finish):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -185,4 +205,4 @@ def chat_completions():
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    return _run(job, stream, include_usage, "chat.completion", choice, chunk_choice)
+    return _run(run, stream, include_usage, "chat.completion", choice, chunk_choice)

@@ -9,19 +9,27 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/health")
 def health():
-    """200 when a model is loaded and ready; 503 while one loads or reloads (or none is loaded).
-    The simulator's fields (`status`, `model_loaded`, `model_path`) are always there."""
+    """200 once the start-up model has loaded; 503 before. The simulator's fields (`status`,
+    `model_loaded`: the default model is resident, `model_path`) are always there; the default
+    model's details are at the top level, and every resident model is listed in `models`."""
     host = current_app.extensions["model_host"]
-    model = host.current
+    model = host.default
     body = {"status": "ok" if host.ready else "loading", "model_loaded": model is not None,
             "model_path": str(host.model_dir), "ready": host.ready}
     if model is not None:
-        body.update(active=model.engine.active, queue_depth=model.engine.waiting,
+        body.update(_describe(model), active=model.engine.active, queue_depth=model.engine.waiting,
                     busy=model.engine.active >= model.engine.n_parallel)
-    if model is not None:
-        body.update(model=model.name, model_file=str(model.path), n_ctx=model.n_ctx,
-                    gpu_layers=model.gpu_layers, lora=model.describe_adapters(), preset=model.preset)
+    body["models"] = [{**_describe(m), "default": host.is_default(m), "active": m.engine.active,
+                       "queue_depth": m.engine.waiting, "memory_bytes": m.ram_bytes, "vram_bytes": m.vram_bytes,
+                       "expires_in_s": None if m.expires_in_s is None else round(m.expires_in_s, 1)}
+                      for m in host.resident()]
+    body["closing"] = [{"model": m.name, "requests": m.leases} for m in host.closing()]
     return jsonify(body), 200 if host.ready else 503
+
+
+def _describe(model) -> dict:
+    return {"model": model.name, "model_file": str(model.path), "n_ctx": model.n_ctx,
+            "gpu_layers": model.gpu_layers, "lora": model.describe_adapters(), "preset": model.preset}
 
 
 @bp.get("/metrics")

@@ -16,6 +16,7 @@ from engine import service
 from engine.api import validation as v
 from engine.errors import BadRequest, EngineError, ModelLoadError, ModelRefused
 from engine.generation import SamplingParams
+from engine.model_files import ModelSpec
 from engine.patient import reply_text
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,12 @@ def generate():
 
     Body: `prompt` (required), `max_length` (new tokens, default 150), `temperature` (default 0.7),
     `top_p` (default 0.9); optional `top_k`, `min_p`, `repeat_penalty`, `seed`, `stop` (a list
-    that replaces the speaker-turn stops; `[]` for none) and `stream` (server-sent events: one
-    `data:` event per token with the new text, then one with the whole reply as without `stream`).
+    that replaces the speaker-turn stops; `[]` for none), `stream` (server-sent events: one
+    `data:` event per token with the new text, then one with the whole reply as without `stream`),
+    `model` (any name the Ollama and OpenAI surfaces accept; default: the default model) and
+    `keep_alive` (as Ollama's).
     """
+    started = time.perf_counter()
     body = v.json_body()
     prompt = v.string(body, "prompt", required=True)
     defaults = SamplingParams()
@@ -53,14 +57,19 @@ def generate():
     )
     stop = v.string_list(body, "stop")
     stream = v.boolean(body, "stream", False)
-    host = _host()
-    job = service.Job(prompt=prompt, params=params, new_reply=lambda: reply_text(stop),
-                      cache_key=("patient", *service.stop_key(stop)))
-    if not stream:
-        service.complete(host, job)
-        return jsonify(_reply_body(job))
+    name = v.string(body, "model")
+    keep_alive = v.duration(body, "keep_alive")
 
-    run = service.Run(host, job)  # queue, timeout and prompt errors are plain 4xx/5xx, before the stream
+    def make_job(_model) -> service.Job:
+        return service.Job(prompt=prompt, params=params, new_reply=lambda: reply_text(stop),
+                           cache_key=("patient", *service.stop_key(stop)), started=started)
+
+    # Model, queue, timeout and prompt errors are plain 4xx/5xx, before any stream starts.
+    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive, started=started)
+    job = run.job
+    if not stream:
+        service.complete(run)
+        return jsonify(_reply_body(job))
 
     def events():
         try:
@@ -107,18 +116,20 @@ def _reply_body(job: service.Job) -> dict:
 
 @bp.get("/models")
 def models():
-    """The GGUF files under MODEL_PATH (and which one is loaded)."""
+    """The GGUF files under MODEL_PATH, which one is the default (`loaded`), and every resident one."""
     host = _host()
-    model = host.current
-    return jsonify(models=host.list_models(), model_path=str(host.model_dir),
+    model = host.default
+    return jsonify(models=host.files.list_models(), model_path=str(host.model_dir),
                    loaded=model.name if model else None, lora=model.describe_adapters() if model else [],
-                   presets=sorted(host.presets()))
+                   presets=sorted(host.files.presets()), resident=[m.name for m in host.resident()])
 
 
 @bp.post("/load-model")
 def load_model():
-    """Switch to another GGUF under MODEL_PATH, optionally with LoRA adapters (`lora`: a file name
-    or a list, `lora_scale`: a number or a list); on any failure the current model stays loaded."""
+    """Load a GGUF under MODEL_PATH, optionally with LoRA adapters (`lora`: a file name or a list,
+    `lora_scale`: a number or a list), and make it the default model (requests without `model`).
+    A model already resident is not loaded again; other resident models stay (until evicted or
+    idle past their keep_alive). On any failure the current default stays."""
     body = v.json_body()
     name = v.string(body, "model_name", required=True)
     folder = v.string(body, "model_path")
@@ -128,13 +139,14 @@ def load_model():
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 10 for x in scales):
         raise BadRequest("'lora_scale' must be a number between 0 and 10, or a list of them", field="lora_scale")
     host = _host()
-    path = host.resolve_request_path(name, folder)
-    adapters = host.resolve_adapters(lora, scales)
+    path = host.files.resolve_request_path(name, folder)
+    adapters = host.files.resolve_adapters(lora, scales)
     try:
-        loaded = host.load(path, adapters)
+        loaded, seconds = host.load(ModelSpec(path, adapters))
     except (ModelRefused, ModelLoadError) as exc:
-        current = host.current
+        current = host.default
         keep = f"; still serving {current.name}" if current else ""
         raise type(exc)(exc.message + keep, field="model_name") from exc
+    how = f"loaded in {seconds:.2f} s" if seconds else "loaded in 0.00 s (it was already resident)"
     return jsonify(status="success", model_name=loaded.name, lora=loaded.describe_adapters(),
-                   message=f"model {loaded.name} loaded in {loaded.load_seconds:.2f} s")
+                   message=f"model {loaded.name} {how}")

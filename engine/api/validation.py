@@ -97,3 +97,16 @@ def _check_range(name, value, minimum, maximum, min_inclusive, max_inclusive) ->
 def _kind(value: Any) -> str:
     return {bool: "a boolean", str: "a string", list: "a list", dict: "an object",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def duration(body: dict, name: str) -> float | None:
+    """Ollama's `keep_alive`: seconds (a number) or a duration string (`5m`, `1h`, `-1`); None if absent."""
+    from engine.settings import parse_duration
+
+    value = body.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise BadRequest(f"'{name}': {exc}", field=name) from None

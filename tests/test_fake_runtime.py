@@ -1,0 +1,181 @@
+"""The scheduler on tests/fake_runtime.py: concurrent requests, the conversation cache, and the
+fake itself behaving as llama.cpp does where the scheduler relies on it. No model; milliseconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from engine.admission import RequestTimeout
+from engine.errors import EngineError
+from engine.generation import ReplyText, SamplingParams, StopRules
+from engine.runtime import RuntimeClosed
+from engine.scheduler import Scheduler
+from tests.fake_runtime import BOS, EOS, FakeRuntime, byte_tokens
+
+GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=100)
+SAMPLED = SamplingParams(temperature=0.9, seed=7, max_tokens=100)
+
+
+@pytest.fixture
+def make():
+    """make(**FakeRuntime kwargs, cache_bytes=...) → a Scheduler on a FakeRuntime, closed afterwards."""
+    made = []
+
+    def build(path="fake-a.gguf", *, cache_bytes=64 << 20, max_queue=16, **kwargs) -> Scheduler:
+        eng = Scheduler(FakeRuntime(path, **kwargs), cache_bytes=cache_bytes, max_queue=max_queue)
+        made.append(eng)
+        return eng
+
+    yield build
+    for eng in made:
+        eng.close()
+
+
+def ask(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY, timeout_s: float = 10):
+    started = time.perf_counter()
+    return eng.submit(eng.tokenize(prompt), params, ReplyText(StopRules()), started, started + timeout_s)
+
+
+def test_concurrent_requests_each_get_the_models_reply(make):
+    """Six requests from six threads through two slots, greedy and sampled: every one gets the
+    reply whole, and every sampler chain is freed."""
+    eng = make(n_parallel=2, reply="Me siento bien, soy fake-a.")
+    results = [None] * 6
+
+    def run(i):
+        results[i] = ask(eng, f"Estudiante {i}: ¿cómo estás?\nPaciente:", GREEDY if i % 2 else SAMPLED).wait()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert [r.text for r in results] == ["Me siento bien, soy fake-a."] * 6
+    assert all(r.finish_reason == "eos" and r.tokens == len(byte_tokens(r.text)) for r in results)
+    assert eng.runtime.live_samplers == 0
+    assert eng.runtime.decode_calls < 6 * 40  # decoded together, not one request after the other
+
+
+def test_the_default_reply_names_the_model_and_streams_in_pieces(make):
+    """UTF-8 split over byte tokens comes out whole; the streamed pieces add up to the reply."""
+    eng = make("modelos/fake-b.gguf", reply="Sí, soy fake-b: ¿qué tal?")
+    seq = ask(eng, "Hola")
+    assert "".join(seq.stream()) == "Sí, soy fake-b: ¿qué tal?" == seq.result.text
+    assert FakeRuntime("modelos/fake-b.gguf").reply == "Me siento bien, soy fake-b."
+    assert eng.metadata["general.name"] == "fake-b"
+
+
+def test_max_tokens_and_stops_end_the_reply(make):
+    eng = make(reply="uno, dos, tres")
+    cut = ask(eng, "Contá", SamplingParams(temperature=0, max_tokens=4)).wait()
+    assert (cut.text, cut.finish_reason) == ("uno,", "length")
+    started = time.perf_counter()
+    stopped = eng.submit(eng.tokenize("Contá"), GREEDY, ReplyText(StopRules(strings=[", tres"])), started,
+                         started + 10).wait()
+    assert (stopped.text, stopped.finish_reason) == ("uno, dos", "stop")
+
+
+def test_the_next_turn_continues_the_slot(make):
+    """The next turn of a conversation reads only its new tokens from its slot."""
+    eng = make(n_parallel=2)
+    first = "Estudiante: Hola, ¿cómo estás hoy? Contame qué te trae por acá.\nPaciente:"
+    a = ask(eng, first).wait()
+    b = ask(eng, f"{first} {a.text}\nEstudiante: ¿Y desde cuándo?\nPaciente:").wait()
+    assert a.text == b.text == "Me siento bien, soy fake-a."
+    assert a.reused_tokens == 0 and b.reused_tokens >= len(eng.tokenize(first)) - 8
+    assert b.reused_tokens % 4 == 0
+
+
+@pytest.mark.parametrize("n_swa", [0, 48])
+def test_interleaved_conversations_through_one_slot_restore_saved_states(make, n_swa):
+    """Two conversations share one slot: each turn restores the other's saved state from the
+    conversation cache (windowed ones only from their end: the fake refuses a decode whose window
+    reaches cells it does not hold) and answers as before. Then a newcomer sharing only the opening
+    must not continue the restored state from inside its window."""
+    eng = make(n_parallel=1, n_swa=n_swa)
+    history = {c: f"Estudiante {c}: " + "Contame de vos, de tu semana y de tu familia. " * 3 for c in "AB"}
+    reused = []
+    for turn in range(3):
+        for c in "AB":
+            r = ask(eng, history[c] + "\nPaciente:").wait()
+            assert r.text == "Me siento bien, soy fake-a."
+            reused.append(r.reused_tokens)
+            history[c] += f"\nPaciente: {r.text}\nEstudiante {c}: ¿Y hoy {turn}?"
+    assert eng.cache.hits >= 4 and min(reused[2:]) > 100, reused
+    newcomer = ask(eng, "Estudiante C: Hola, ¿qué te trae por acá?\nPaciente:").wait()
+    assert newcomer.text == "Me siento bien, soy fake-a."
+
+
+def test_without_the_cache_nothing_is_reused(make):
+    eng = make(n_parallel=1, cache_bytes=0)
+    prompt = "Estudiante: Hola, ¿cómo estás hoy? Contame qué te trae por acá.\nPaciente:"
+    assert [ask(eng, prompt).wait().reused_tokens for _ in range(2)] == [0, 0]
+
+
+def test_a_slow_decode_runs_into_the_deadline(make):
+    eng = make(n_parallel=1, step_delay_s=0.02)
+    with pytest.raises(RequestTimeout):
+        ask(eng, "Hola", timeout_s=0.1).wait()
+    assert eng.active == 0
+
+
+def test_close_finishes_accepted_work_then_closes_the_runtime(make):
+    eng = make(n_parallel=1, step_delay_s=0.001)
+    seqs = [ask(eng, f"Pregunta {i}") for i in range(3)]
+    eng.close()
+    assert [s.wait().text for s in seqs] == ["Me siento bien, soy fake-a."] * 3
+    assert eng.runtime.closed
+    with pytest.raises(RuntimeClosed):
+        eng.tokenize("Hola")
+
+
+# -- the fake itself --------------------------------------------------------------------------------
+def test_tokens_are_bytes_after_the_specials():
+    rt = FakeRuntime()
+    assert rt.tokenize("<bos>é<eos>").tolist() == [BOS, BOS, *byte_tokens("é"), EOS]
+    assert b"".join(rt.piece(t) for t in rt.tokenize("¿qué?")) == "¿qué?".encode()
+    assert rt.special_token_text() == ("<bos>", "<eos>", True) and rt.is_eog(EOS) and not rt.is_eog(BOS)
+    assert rt.tokenize_calls == 2
+
+
+def test_kv_memory_behaves_like_llama_cpps():
+    """Positions in order or the decode fails; suffixes drop; states round-trip; garbage does not
+    restore; a windowed state holds only its window."""
+    rt = FakeRuntime(n_parallel=2, n_swa=8)
+    prompt = rt.tokenize("Hola, ¿qué tal?").tolist()
+    rt.batch_clear()
+    for pos, tok in enumerate(prompt):
+        rt.batch_add(0, tok, pos, pos == len(prompt) - 1)
+    rt.decode()
+    assert rt.seq_pos_min(0) == 0 and rt.seq_pos_min(1) == -1
+    rt.batch_clear()
+    rt.batch_add(0, 5, len(prompt) + 1, True)  # a gap
+    with pytest.raises(EngineError, match="status -1"):
+        rt.decode()
+    state = rt.state_get(0)
+    assert rt.state_set(1, state) and rt.seq_pos_min(1) == len(prompt) - 8  # only the window's cells
+    assert not rt.state_set(1, b"garbage") and rt.seq_pos_min(1) == -1
+    assert not rt.seq_rm(0, 2, 4)  # no holes
+    assert rt.seq_rm(0, 4, -1) and rt.seq_pos_min(0) == 0
+    rt.batch_clear()
+    rt.batch_add(0, 5, 4, False)
+    rt.decode()
+    with pytest.raises(EngineError, match="no logits"):
+        rt.logits(0)
+
+
+def test_every_method_raises_after_close():
+    rt = FakeRuntime()
+    rt.close()
+    rt.close()  # idempotent
+    calls = [lambda: rt.tokenize("x"), lambda: rt.piece(5), rt.special_token_text, lambda: rt.is_eog(2),
+             rt.batch_clear, lambda: rt.batch_add(0, 5, 0, True), rt.decode, lambda: rt.logits(0),
+             lambda: rt.new_sampler(SAMPLED), lambda: rt.seq_rm(0, -1, -1), lambda: rt.seq_clear(0),
+             lambda: rt.seq_pos_min(0), lambda: rt.state_get(0), lambda: rt.state_set(0, b""),
+             lambda: rt.sample_banning(SAMPLED, 0, [EOS])]
+    for call in calls:
+        with pytest.raises(RuntimeClosed):
+            call()
