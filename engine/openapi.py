@@ -258,7 +258,8 @@ def _simulator_schemas() -> dict[str, Schema]:
             "status": {"type": "string", "enum": ["ok", "loading"], "description": "`ok` when ready."},
             "model_loaded": {"type": "boolean"},
             "model_path": {"type": "string", "description": "MODEL_PATH."},
-            "ready": {"type": "boolean", "description": "A model is loaded and no load is under way."},
+            "ready": {"type": "boolean", "description": "The start-up model has loaded."},
+            "loading": {"type": "boolean", "description": "A model is being loaded (the others keep serving)."},
             "active": {"type": "integer", "minimum": 0, "description": "Sequences generating (at most N_PARALLEL)."},
             "queue_depth": {"type": "integer", "minimum": 0, "description": "Requests waiting for a sequence slot."},
             "busy": {"type": "boolean", "description": "All N_PARALLEL sequence slots are generating."},
@@ -312,9 +313,9 @@ def _simulator_paths() -> dict:
                           **_errors(*GENERATION_ERRORS)}}},
         "/health": {"get": {
             "tags": ["simulator", "operations"], "operationId": "health", "security": [],
-            "summary": "Readiness and the loaded model (no API key needed).",
+            "summary": "Readiness, the default model and every resident one (no API key needed).",
             "responses": {"200": _json(_ref("Health"), "Ready: a model is loaded."),
-                          "503": _json(_ref("Health"), "Not ready: a model is loading or reloading.")}}},
+                          "503": _json(_ref("Health"), "Not ready: the start-up model is still loading.")}}},
         "/models": {"get": {
             "tags": ["simulator"], "operationId": "models", "summary": "The GGUF files under MODEL_PATH.",
             "responses": {**_ok(_ref("ModelList"), "The files and the loaded one."), **_errors(401)}}},

@@ -73,5 +73,6 @@ def test_presets_are_models_on_ollama_and_openai(lora_server):
     r = requests.post(lora_server.url + "/v1/completions", timeout=60,
                       json={"model": "persona", "prompt": "hola", "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200, r.text
-    health = requests.get(lora_server.url + "/health", timeout=10).json()
-    assert health["preset"] == "persona" and health["lora"] == [{"name": "persona-lora.gguf", "scale": 0.8}]
+    health = requests.get(lora_server.url + "/health", timeout=10).json()  # resident beside the default
+    preset = next(m for m in health["models"] if m["preset"] == "persona")
+    assert preset["lora"] == [{"name": "persona-lora.gguf", "scale": 0.8}] and not preset["default"]

@@ -15,7 +15,7 @@ def health():
     host = current_app.extensions["model_host"]
     model = host.default
     body = {"status": "ok" if host.ready else "loading", "model_loaded": model is not None,
-            "model_path": str(host.model_dir), "ready": host.ready}
+            "model_path": str(host.model_dir), "ready": host.ready, "loading": host.loading}
     if model is not None:
         body.update(_describe(model), active=model.engine.active, queue_depth=model.engine.waiting,
                     busy=model.engine.active >= model.engine.n_parallel)
