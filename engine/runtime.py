@@ -59,6 +59,7 @@ class Runtime(Protocol):
     def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool: ...
     def seq_clear(self, seq_id: int) -> None: ...
     def seq_pos_min(self, seq_id: int) -> int: ...
+    def seq_copy(self, src: int, dst: int) -> None: ...
     def state_get(self, seq_id: int) -> bytes: ...
     def state_set(self, seq_id: int, data: bytes) -> bool: ...
     def close(self) -> None: ...
@@ -276,6 +277,15 @@ class LlamaRuntime:
     def seq_clear(self, seq_id: int) -> None:
         self._live()
         self._lib.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Make sequence `dst` hold what `src` holds, cell for cell. Each sequence has its own KV
+        stream (kv_unified off), so llama.cpp copies the whole stream's buffers (it can only copy
+        whole streams between streams: a partial range aborts the process) at the start of the
+        next decode; the cells' metadata is copied at once. Cut `dst` back with `seq_rm`: the
+        cells it then holds are the same bits, at the same cells, as in `src`."""
+        self._live()
+        self._lib.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """The first position the sequence holds (-1: empty)."""

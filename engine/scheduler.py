@@ -34,7 +34,7 @@ from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
 from engine.prompt_cache import CachedState, ConversationCache
 from engine.runtime import Runtime
-from engine.slot_policy import Slot, SlotPolicy
+from engine.slot_policy import MIN_RESTORE_GAIN, Slot, SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class Sequence:
     reused: int = 0
     chain: object = None
     pending_token: int | None = None
+    leader: "Sequence | None" = None  # a sequence reading the same prefix, which this one waits for
+    target: int = 0  # how much of the prompt the leader will give
     n_tokens: int = 0
     logprob_sum: float = 0.0
     emitted: str = ""
@@ -123,6 +125,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._recent_s = 2.0  # moving estimate of one request's time, for Retry-After
+        self.shared_tokens = 0  # prompt tokens copied from another sequence instead of read
+        # Slots whose cells a copy reads at the next decode (llama.cpp copies the buffers then): no
+        # state may be restored into them before it, or the copy would take the restored cells.
+        self._copy_sources: set[int] = set()
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{Path(runtime.path).name}", daemon=True)
         self._thread.start()
 
@@ -259,7 +265,9 @@ class Scheduler:
         slot, keep = placement.slot, placement.keep
         if placement.save:
             self._save(slot, placement.save)
-        if placement.restore:
+        if placement.restore and slot.seq_id in self._copy_sources:
+            keep = 0  # rare: a classmate copies this slot's cells at the next decode; read instead
+        elif placement.restore:
             keep = keep if self._restore(slot, entry) else 0
             if keep:
                 self.cache.hits += 1
@@ -269,6 +277,71 @@ class Scheduler:
         seq.slot, seq.n_prompt_done, seq.reused = slot, keep, keep
         seq.chain = rt.new_sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
+        if not self._follow(seq):
+            self._share(seq)
+
+    # -- prefix sharing between sequences ----------------------------------------------------
+    def _share(self, seq: Sequence) -> bool:
+        """Copy into `seq`'s slot the longest exact prefix of its prompt that another sequence
+        holds (a classmate's case prompt), when that saves at least MIN_RESTORE_GAIN tokens over
+        what the slot has: the prefix is read once for the whole class. True if it copied."""
+        rt, slot = self.runtime, seq.slot
+        best, donor = self._best_donor(seq)
+        if donor is None or best < seq.n_prompt_done + MIN_RESTORE_GAIN:
+            return False
+        rt.seq_copy(donor.seq_id, slot.seq_id)
+        self._copy_sources.add(donor.seq_id)
+        slot.kv[:donor.n_kv] = donor.kv[:donor.n_kv]
+        slot.n_kv, slot.n_exact = donor.n_kv, donor.n_exact
+        keep = self._truncate(slot, best)
+        seq.n_prompt_done = seq.reused = keep
+        self.shared_tokens += keep
+        if self.metrics is not None:
+            self.metrics.cache_hits.labels(cache="shared-prefix").inc()
+        return True
+
+    def _best_donor(self, seq: Sequence) -> tuple[int, Slot | None]:
+        """The other slot whose cells give the most of `seq`'s prompt now, and how much."""
+        rt, policy = self.runtime, self.policy
+        best, donor = 0, None
+        for other in self.slots:
+            if other is seq.slot or not other.n_exact:
+                continue
+            first = rt.seq_pos_min(other.seq_id) if policy.n_swa else 0
+            point = policy.share_point(other, seq.tokens, first)
+            if point > best:
+                best, donor = point, other
+        return best, donor
+
+    def _follow(self, seq: Sequence) -> bool:
+        """If another sequence is still reading a prompt that shares a longer prefix with this one
+        than any sequence holds now, wait for it (`_step` skips a follower) and copy the prefix
+        then, rather than reading it a second time alongside. True if `seq` now follows one."""
+        now, _donor = self._best_donor(seq)
+        best, leader = max(now, seq.n_prompt_done) + MIN_RESTORE_GAIN - 1, None
+        for other in self.slots:
+            lead = other.seq
+            if lead is None or lead is seq or lead.pending_token is not None or lead.leader is not None:
+                continue
+            point = self.policy.follow_point(lead.tokens, seq.tokens)
+            if point > best:
+                best, leader = point, lead
+        if leader is not None:
+            seq.leader, seq.target = leader, best
+        return leader is not None
+
+    def _waits_for_leader(self, seq: Sequence) -> bool:
+        """Whether a follower still waits: its leader is reading (in its slot, not yet past the
+        shared prefix). Once it is past, or gone, the follower copies what it can and reads on."""
+        lead = seq.leader
+        if lead is None:
+            return False
+        reading = lead.slot is not None and lead.slot.seq is lead and lead.pending_token is None
+        if reading and lead.slot.n_exact < seq.target:
+            return True
+        seq.leader = None
+        self._share(seq)
+        return False
 
     def _step(self) -> None:
         """One decode for every active sequence, then sample those that have logits."""
@@ -291,6 +364,8 @@ class Scheduler:
         n = len(decoding)
         chunks: list[tuple[Sequence, int]] = []
         for seq in prefilling:  # then prompts, in chunks that fill the rest of the batch
+            if self._waits_for_leader(seq):
+                continue
             start, room = seq.n_prompt_done, rt.n_batch - n
             if room <= 0:
                 break
@@ -305,6 +380,7 @@ class Scheduler:
         if n == 0:
             return
         rt.decode()
+        self._copy_sources.clear()  # the copies are done
         for seq in decoding:  # the batch went in: record what each sequence's cache now holds
             slot = seq.slot
             slot.kv[slot.n_kv] = seq.pending_token

@@ -103,6 +103,25 @@ class SlotPolicy:
         save = self.save_length(slot, keep, first) if keep < slot.n_kv else 0
         return Placement(slot, keep, save=save)
 
+    def share_point(self, donor: Slot, prompt: np.ndarray, first_held: int = 0) -> int:
+        """How much of `prompt` another sequence (`donor`, busy or free) can give by a copy of its
+        cells: its exact prefix shared with the prompt, on a row-group boundary with `min_rows`
+        left to read (0 when the donor no longer holds what that position attends to). Copied cell
+        for cell, the prefix is the same bits as in the donor, so reading on from there is exact
+        by the same rules as a slot continuing its own prefix."""
+        if not self.cache_enabled or not donor.n_exact:
+            return 0
+        keep = self.resume_point(common_prefix(donor.kv[:donor.n_exact], prompt), len(prompt))
+        return keep if self.can_resume(first_held, keep) else 0
+
+    def follow_point(self, leader_prompt: np.ndarray, prompt: np.ndarray) -> int:
+        """How much of `prompt` a sequence still reading `leader_prompt` will be able to give once it
+        has read it: requests that arrive together with the same case prompt read it once, the
+        others wait for it and copy it."""
+        if not self.cache_enabled:
+            return 0
+        return self.resume_point(common_prefix(leader_prompt, prompt), len(prompt))
+
     def pick_slot(self, slots: list[Slot], prompt: np.ndarray) -> Slot:
         """The free slot whose exact prefix this prompt continues (the same conversation, one turn
         on), else an empty slot, else the least recently used one. Conversations that only share an

@@ -23,7 +23,16 @@ Concurrency: 1, 2, 4 and 8 streaming clients over HTTP (aggregate tokens/s, TTFT
 llama.cpp's batched decode with as many sequences, and llama-server and llama-batched-bench when
 scripts/build_llama_server.sh has built them.
 
-Writes bench/results/bench.md and bench/results/bench.png. Run on a quiet machine:
+Class (`--only class`, not part of the default run; scripts/class_bench.py): N students open K
+clinical cases at once and ask T questions each with think time between them, every request the
+simulator's backend's Ollama `/api/generate`; the engine and then llama-server, one at a time.
+Reply times for first and later turns, shares under 3 s and over 30 s, 503s, aggregate tokens/s.
+`--model llama1b` runs it on a random Llama-3.2-1B-shaped model (built once, cached).
+    .venv/bin/python scripts/bench.py --only class [--students 12 --cases 2 --turns 3 --think 2,6]
+    .venv/bin/python scripts/bench.py --only class --model llama1b --servers both
+    PROMPT_CACHE_DIR=/tmp/pc .venv/bin/python scripts/bench.py --only class --servers engine --warm
+
+Writes bench/results/bench.md (and class.md, class-llama1b.md) and bench/results/bench.png. Run on a quiet machine:
 `.venv/bin/python scripts/bench.py` (needs the `bench` extra for the chart: matplotlib).
 """
 
@@ -496,10 +505,7 @@ def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int,
     slots of n_ctx tokens each, the same attention setting, full-size sliding-window caches (as the
     engine: without them llama-server reads every prompt in full, finding no reusable prefix in
     Gemma 3's SWA layers), continuous batching (its default)."""
-    def argv(port: int) -> list[str]:
-        return [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * n_parallel),
-                "-np", str(n_parallel), "-fa", FLASH_ATTN, "--swa-full", "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
-
+    argv = llama_server_argv(binary, model, threads, n_ctx, n_parallel, FLASH_ATTN)
     server = start_server({}, Path(tempfile.gettempdir()) / "ai-engine-bench-llama-server.log", argv=argv)
     try:
         print("llama-server:", flush=True)
@@ -508,15 +514,37 @@ def llama_server_concurrency(binary: str, model: Path, threads: int, n_ctx: int,
         stop_server(server)
 
 
+def llama_server_argv(binary: str, model: Path, threads: int, n_ctx: int, n_parallel: int, flash_attn: str):
+    """llama-server with the engine's layout (see llama_server_concurrency); a function of the port."""
+    def argv(port: int) -> list[str]:
+        return [binary, "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx * n_parallel),
+                "-np", str(n_parallel), "-fa", flash_attn, "--swa-full", "--host", "127.0.0.1", "--port", str(port),
+                "--no-webui"]
+
+    return argv
+
+
+def think_range(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX seconds, got {text!r}") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return low, high
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--turns", type=int, default=None,
+                        help="interview turns (default 10); with --only class, questions per student (default 3, "
+                        "2 with --model llama1b)")
     parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--no-transformers", action="store_true", help="skip (d) even if torch is installed")
-    parser.add_argument("--only", choices=["single", "interview", "concurrency"], action="append",
-                        help="run only these parts (repeatable; default: all)")
+    parser.add_argument("--only", choices=["single", "interview", "concurrency", "class"], action="append",
+                        help="run only these parts (repeatable; default: single, interview and concurrency)")
     parser.add_argument("--n-parallel", type=int, default=DEFAULT_N_PARALLEL,
                         help="N_PARALLEL for the concurrency part (default: the engine's; another value "
                         "writes concurrency-npN.md beside it)")
@@ -524,15 +552,48 @@ def main() -> int:
                         help="attention setting of every runner (default: the engine's FLASH_ATTN default)")
     parser.add_argument("--llama-server", help="llama-server binary to compare with (default: on PATH, or the "
                         "one scripts/build_llama_server.sh built)")
+    group = parser.add_argument_group("class (--only class)")
+    group.add_argument("--students", type=int, help="students at once (default 12, 6 with --model llama1b)")
+    group.add_argument("--cases", type=int, help="cases open, students spread round-robin (default 2)")
+    group.add_argument("--think", type=think_range, default=(2.0, 6.0), metavar="MIN,MAX",
+                       help="think time between a reply and the next question, uniform (default 2,6 seconds)")
+    group.add_argument("--model", choices=["default", "llama1b"], default="default",
+                       help="the default model, or a random Llama-3.2-1B-shaped Q4_K_M built once under "
+                       "~/.cache/ai-engine/bench-models (replies capped at 40 tokens)")
+    group.add_argument("--servers", choices=["engine", "llama-server", "both"], default="both",
+                       help="servers to run the class on, one after the other (default both; llama-server only "
+                       "when built)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the think times and question orders")
+    group.add_argument("--warm", action="store_true",
+                       help="run the engine twice with the same cases and environment, restarting it in between "
+                       "(for a prompt cache on disk: PROMPT_CACHE_DIR); the second run is reported apart")
+    group.add_argument("--socket-timeout", type=float, default=180.0,
+                       help="how long a student waits for an answer (default 180 s; replies after 30 s count as "
+                       "over 30 s either way)")
+    group.add_argument("--max-minutes", type=float, default=10.0,
+                       help="each server's class stops itself after this long (default 10)")
     args = parser.parse_args()
+    for name in ("students", "cases", "turns"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
     global FLASH_ATTN
     FLASH_ATTN = args.flash_attn
-    model = ensure_default_model(ROOT / "models")
     machine = f"{cpu_name()}, {physical_cores()} cores, {args.threads} threads"
     parts = args.only or ["single", "interview", "concurrency"]
+    if args.model != "default" and parts != ["class"]:
+        parser.error("--model is for the class part only: use it with --only class")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    header = f"Measured {date.today().isoformat()} on {machine}; model {model.name}."
-    print(header, flush=True)
+    if "class" in parts:
+        import class_bench
+
+        binary = find_llama_server(args.llama_server) if args.servers != "engine" else None
+        part, class_header, result = class_bench.class_part(args, machine, binary, llama_server_argv)
+        save(part, class_header, result)
+    args.turns = args.turns or 10
+    if set(parts) - {"class"}:
+        model = ensure_default_model(ROOT / "models")
+        header = f"Measured {date.today().isoformat()} on {machine}; model {model.name}."
+        print(header, flush=True)
     if "single" in parts:
         save("single", header, single_part(model, args))
     if "interview" in parts:
@@ -541,8 +602,9 @@ def main() -> int:
         save("concurrency" + ("" if args.n_parallel == DEFAULT_N_PARALLEL else f"-np{args.n_parallel}"), header,
              concurrency_part(model, args))
     others = sorted(p.stem for p in RESULTS.glob("concurrency-np*.md"))
+    classes = sorted(p.stem for p in RESULTS.glob("class*.md"))
     report = "\n".join((RESULTS / f"{p}.md").read_text(encoding="utf-8")
-                       for p in ("single", "interview", "concurrency", *others)
+                       for p in ("single", "interview", "concurrency", *others, *classes)
                        if (RESULTS / f"{p}.md").exists())
     (RESULTS / "bench.md").write_text(report, encoding="utf-8")
     print("\n" + report)

@@ -93,6 +93,7 @@ class FakeRuntime:
         self.tokenize_calls = 0
         self.live_samplers = 0
         self._kv: list[list[int]] = [[] for _ in range(n_parallel)]  # tokens at positions 0..n-1
+        self.copies = 0  # seq_copy calls (prefix sharing between sequences)
         self._first: list[int] = [0] * n_parallel  # first position whose KV is held
         self._said: dict[int, tuple[int, int]] = {}  # seq_id -> (position of its last logits, reply bytes said)
         self._batch: list[tuple[int, int, int, bool]] = []
@@ -226,6 +227,14 @@ class FakeRuntime:
 
     def seq_clear(self, seq_id: int) -> None:
         self.seq_rm(seq_id, -1, -1)
+
+    def seq_copy(self, src: int, dst: int) -> None:
+        """Whole-sequence copy, as llama.cpp does between KV streams."""
+        self._live()
+        self._kv[dst] = list(self._kv[src])
+        self._first[dst] = self._first[src]
+        self._said.pop(dst, None)
+        self.copies += 1
 
     def seq_pos_min(self, seq_id: int) -> int:
         self._live()

@@ -179,3 +179,49 @@ def test_every_method_raises_after_close():
     for call in calls:
         with pytest.raises(RuntimeClosed):
             call()
+
+
+# -- prefix sharing between sequences --------------------------------------------------------------
+
+CASE = "Sos un paciente simulado. " * 40 + "CASO CLÍNICO: Sofía, 29 años.\nENTREVISTA:\n"
+
+
+def test_a_class_reads_the_case_prompt_once(make):
+    """Six students on one case at once: one reads the case prompt, the others wait for it and
+    copy its cells, then read only their own question."""
+    eng = make(n_parallel=6, n_batch=64, n_ctx=2048, step_delay_s=0.0)
+    seqs = [ask(eng, CASE + f"Estudiante: pregunta número {i}, ¿cómo dormís?\nPaciente:") for i in range(6)]
+    results = [s.wait() for s in seqs]
+    n_case = len(byte_tokens(CASE))
+    assert eng.runtime.copies == 5
+    assert sorted(r.reused_tokens >= n_case - 8 for r in results) == [False] + [True] * 5
+    read = sum(r.prompt_tokens - r.reused_tokens for r in results)
+    assert read < results[0].prompt_tokens + 5 * 64  # the case once, then five questions
+    assert eng.shared_tokens == sum(r.reused_tokens for r in results)
+
+
+def test_a_later_student_copies_from_a_busy_or_finished_classmate(make):
+    eng = make(n_parallel=3, n_batch=64, n_ctx=2048)
+    first = ask(eng, CASE + "Estudiante: ¿qué te trae por acá?\nPaciente:").wait()
+    assert first.reused_tokens == 0
+    later = ask(eng, CASE + "Estudiante: contame de tu trabajo\nPaciente:").wait()
+    assert later.reused_tokens >= len(byte_tokens(CASE)) - 8 and eng.runtime.copies == 1
+    # The first student's slot still holds their whole transcript: their next turn continues it.
+    again = ask(eng, CASE + "Estudiante: ¿qué te trae por acá?\nPaciente: " + first.text + "\nEstudiante: ¿y?\nPaciente:").wait()
+    assert again.reused_tokens > first.prompt_tokens - 8 and eng.runtime.copies == 1
+
+
+def test_a_follower_whose_leader_fails_reads_on_its_own(make):
+    eng = make(n_parallel=2, n_batch=16, n_ctx=2048, step_delay_s=0.002)
+    leader = ask(eng, CASE + "Estudiante: uno\nPaciente:")
+    follower = ask(eng, CASE + "Estudiante: dos\nPaciente:")
+    time.sleep(0.02)
+    leader.cancel()
+    result = follower.wait()
+    assert result.text and result.reused_tokens == 0  # nothing to copy: it read the case itself
+
+
+def test_no_sharing_without_the_cache(make):
+    eng = make(n_parallel=3, n_batch=64, n_ctx=2048, cache_bytes=0)
+    seqs = [ask(eng, CASE + f"Estudiante: {i}\nPaciente:") for i in range(3)]
+    assert all(s.wait().reused_tokens == 0 for s in seqs) and eng.runtime.copies == 0

@@ -1,0 +1,78 @@
+"""Prefix sharing on the real model: a classmate's case prompt copied from another sequence gives
+the same reply, bit for bit, as reading the whole prompt cold; a class arriving at once reads its
+case prompt once.
+
+The copy is llama.cpp's own whole-stream copy between KV streams (`llama_memory_seq_cp`, kv_unified
+off), cut back to the shared prefix: the same bits at the same cells as in the donor, so the rules
+that keep the conversation cache exact (engine/slot_policy.py) keep this exact too, including
+prompts past Gemma 3's 512-token sliding window (the SWA cache is full size, and the copy takes all
+of it)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from engine.patient import render_case_prompt
+from tests.test_cache_exactness import generate, long_history, make
+
+QUESTIONS = ["¿Qué te trae por acá?", "¿Cómo dormís últimamente?", "¿Con quién vivís?", "¿Tomás alguna medicación?"]
+
+
+def student_prompt(case: dict, exchanges: int, question: str) -> str:
+    turns = long_history(case, exchanges)
+    return render_case_prompt(dict(case, turnos=turns[:-1] + [["Estudiante", question]]))
+
+
+@pytest.fixture(scope="module")
+def fresh(default_model_file):
+    eng = make(default_model_file, cache=False, n_parallel=1)
+    yield eng
+    eng.close()
+
+
+@pytest.mark.parametrize("exchanges", [0, 20])  # a short case prompt, and one past the sliding window
+def test_a_copied_case_prompt_answers_as_a_cold_read(default_model_file, fresh, cases, exchanges):
+    """Students one after the other on each case: the first reads the case, each next one copies it
+    from a classmate's sequence (busy or done) and reads only their question, and every reply (text
+    and confianza) is the one a cold read of the whole prompt gives."""
+    eng = make(default_model_file, cache=True, n_parallel=4)
+    try:
+        for case in cases:
+            shared_before = eng.shared_tokens
+            for i, question in enumerate(QUESTIONS):
+                prompt = student_prompt(case, exchanges, question)
+                a, b = generate(eng, prompt), generate(fresh, prompt)
+                assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob), (case["id"], question)
+                if i:  # everything but the question is shared
+                    assert a.reused_tokens > a.prompt_tokens - 24, (a.reused_tokens, a.prompt_tokens)
+            assert eng.shared_tokens > shared_before
+        assert eng.cache.hits == 0  # it was sharing, not the conversation cache's saved states
+    finally:
+        eng.close()
+
+
+def test_a_class_arriving_at_once_reads_the_case_once(default_model_file, cases):
+    """Four students of one case at once: one reads the case prompt, the other three wait for it and
+    copy it; the prompt tokens read are about one case plus four questions."""
+    eng = make(default_model_file, cache=True, n_parallel=4)
+    try:
+        prompts = [student_prompt(cases[0], 20, q) for q in QUESTIONS]
+        results = [None] * 4
+
+        def ask(i: int) -> None:
+            results[i] = generate(eng, prompts[i])
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert all(r is not None and r.text for r in results)
+        read = sum(r.prompt_tokens - r.reused_tokens for r in results)
+        longest = max(r.prompt_tokens for r in results)
+        assert read < longest + 4 * 40, (read, longest)
+        assert sorted(r.reused_tokens > 0 for r in results) == [False, True, True, True]
+    finally:
+        eng.close()
