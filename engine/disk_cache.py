@@ -99,7 +99,7 @@ def _open_checked(path: Path, model_id: str) -> tuple[BinaryIO, np.ndarray, int,
     """An open cache file whose header and tokens check out, positioned at the state; with its
     tokens, state length and the state's sha256."""
     try:  # O_NONBLOCK: a FIFO planted here must not hang the engine
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise _Corrupt("a symbolic link") from None

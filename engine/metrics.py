@@ -33,11 +33,14 @@ class Metrics:
                                            "Decode speed of each generation", buckets=RATE_BUCKETS, registry=r)
         self.queue_depth = Gauge("ai_engine_queue_depth", "Requests waiting for the model", registry=r)
         self.rejections = Counter("ai_engine_queue_rejections", "Requests refused with 503 (queue full)", registry=r)
+        self.deadline_rejections = Counter("ai_engine_deadline_rejections",
+                                           "Requests refused with 503 at once: estimated to finish after their deadline",
+                                           registry=r)
         self.timeouts = Counter("ai_engine_request_timeouts", "Requests past REQUEST_TIMEOUT_S", registry=r)
         self.cache_hits = Counter("ai_engine_cache_hits", "Cache hits", ["cache"], registry=r)
         self.model_loads = Counter("ai_engine_model_loads", "Models loaded (start-up, /load-model, on demand)",
                                    registry=r)
-        for cache in ("conversation", "response"):
+        for cache in ("conversation", "response", "shared-prefix"):
             self.cache_hits.labels(cache=cache)
 
     def bind_models(self, manager) -> None:

@@ -365,7 +365,8 @@ class ModelManager:
         s = self.settings
         runtime = self._runtime_factory(spec, n_gpu)
         try:
-            return Scheduler(runtime, cache_bytes=s.cache_ram_mb << 20, max_queue=s.max_queue, metrics=self.metrics)
+            return Scheduler(runtime, cache_bytes=s.cache_ram_mb << 20, max_queue=s.max_queue, metrics=self.metrics,
+                             prefill_chunk=s.prefill_chunk, disk=_disk_cache(s, spec))
         except BaseException:
             runtime.close()
             raise
@@ -529,6 +530,25 @@ def _stamp(path: Path) -> tuple:
     except OSError:
         return ()
     return (st.st_mtime_ns, st.st_size)
+
+
+def _disk_cache(settings: Settings, spec: ModelSpec):
+    """The model's prompt cache on disk (None when PROMPT_CACHE_MB is 0). Its states are only good
+    for the same file, adapters and KV layout, so those name its subfolder."""
+    if not settings.prompt_cache_mb:
+        return None
+    import hashlib
+
+    from engine.disk_cache import DiskCache, default_cache_dir, model_identity
+
+    try:
+        parts = [model_identity(spec.path)] + [f"{model_identity(a.path)}:{a.scale}" for a in spec.adapters]
+    except OSError:
+        return None
+    parts += [settings.kv_cache_type, settings.flash_attn]
+    model_id = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    folder = Path(settings.prompt_cache_dir).expanduser() if settings.prompt_cache_dir else default_cache_dir()
+    return DiskCache(folder, settings.prompt_cache_mb << 20, model_id)
 
 
 def _llama_runtime(settings: Settings) -> RuntimeFactory:

@@ -187,6 +187,14 @@ def _keep_alive() -> Schema:
                                                     r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$"}]}
 
 
+def _timeout() -> Schema:
+    """validation.client_timeout: the client's own deadline (the X-Request-Timeout header too)."""
+    return {"type": "number", "minimum": 1, "nullable": True,
+            "description": "The client's deadline in seconds (also the `X-Request-Timeout` header); REQUEST_TIMEOUT_S "
+                           "when absent or longer. A request the engine estimates cannot finish by then gets 503 with "
+                           "Retry-After at once."}
+
+
 def _model_entry() -> Schema:
     """One resident model in /health."""
     return _object({
@@ -229,6 +237,7 @@ def _simulator_schemas() -> dict[str, Schema]:
                                      "MODEL_PATH, a preset, a catalog alias such as `llama3.1:8b`); loaded "
                                      "beside the others if it is not resident. Default: the default model.")),
             "keep_alive": _keep_alive(),
+            "timeout_s": _timeout(),
         }, ("prompt",)),
         "GenerateReply": _object({
             "texto": {"type": "string", "description": "The patient's reply only (may be empty: see "
@@ -360,6 +369,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "stream": _boolean("NDJSON: a line per token, then a final line with the statistics.", True),
             "options": _ref("OllamaOptions"),
             "keep_alive": _keep_alive(),
+            "timeout_s": _timeout(),
             "images": _refused("Images."),
             "format": _refused("Structured output."),
             "template": _refused("Prompt template."),
@@ -371,6 +381,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "stream": _boolean("NDJSON: a line per token, then a final line with the statistics.", True),
             "options": _ref("OllamaOptions"),
             "keep_alive": _keep_alive(),
+            "timeout_s": _timeout(),
             "tools": _refused("Function calling."),
             "format": _refused("Structured output."),
         }, ("model", "messages")),
@@ -476,9 +487,10 @@ def _openai_common() -> dict[str, Schema]:
     """Fields shared by /v1/completions and /v1/chat/completions (openai.py's `_params`)."""
     refused = "Only the value(s) listed are accepted; others are refused with a 400."
     return {
-        "model": {**_text("A GGUF under MODEL_PATH (an `id` of /v1/models); another than the loaded one "
-                          "switches the engine to it; an unknown one is a 404 `model_not_found`."),
+        "model": {**_text("An `id` of /v1/models (a GGUF under MODEL_PATH, a preset) or a catalog alias; one that "
+                          "is not resident is loaded beside the others; an unknown one is a 404 `model_not_found`."),
                   "example": "gemma-3-270m-q4_k_m.gguf"},
+        "timeout_s": _timeout(),
         "max_tokens": _integer("New tokens at most.", minimum=1),
         "max_completion_tokens": _integer("Used when `max_tokens` is absent.", minimum=1),
         "temperature": _number("", minimum=0, maximum=2, default=1),

@@ -29,12 +29,13 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.admission import QueueFull, RequestTimeout, Unavailable
+from engine.admission import (DeadlineEstimator, DeadlineUnreachable, QueueFull, RequestTimeout, Unavailable,
+                              Workload)
 from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
-from engine.prompt_cache import CachedState, ConversationCache
+from engine.prompt_cache import CachedState, ConversationCache, common_prefix
 from engine.runtime import Runtime
-from engine.slot_policy import MIN_RESTORE_GAIN, Slot, SlotPolicy
+from engine.slot_policy import MIN_RESTORE_GAIN, SWA_ALIGN, Slot, SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Sequence:
     reused: int = 0
     chain: object = None
     pending_token: int | None = None
+    disk_save: int = 0  # save the first this-many tokens to the disk cache before reading on
+    reuse_guess: int = 0  # prompt tokens some sequence or cache is expected to give it (admission)
     leader: "Sequence | None" = None  # a sequence reading the same prefix, which this one waits for
     target: int = 0  # how much of the prompt the leader will give
     n_tokens: int = 0
@@ -114,8 +117,20 @@ class Scheduler:
     batch, sampling, and the KV memory of one sequence; it is used from the scheduler thread only,
     but for `tokenize` and `special_token_text`."""
 
-    def __init__(self, runtime: Runtime, *, cache_bytes: int, max_queue: int, metrics=None) -> None:
+    def __init__(self, runtime: Runtime, *, cache_bytes: int, max_queue: int, metrics=None,
+                 prefill_chunk: int = 256, disk=None) -> None:
+        """`prefill_chunk`: prompt tokens read per step while other sequences are generating, so that
+        a long prompt (a 2,500-token case) slows their tokens down instead of stopping them.
+        `disk`: the prompt cache on disk (engine/disk_cache.py) for this model, or None."""
         self.runtime = runtime
+        self.disk = disk if disk is not None and disk.enabled else None
+        self._disk_writes: queue.Queue = queue.Queue()
+        self._disk_writer = None
+        if self.disk is not None:
+            self._disk_writer = threading.Thread(target=self._write_disk, name="prompt-cache-writer", daemon=True)
+            self._disk_writer.start()
+        self.prefill_chunk = prefill_chunk
+        self.estimator = DeadlineEstimator()
         self.max_queue = max_queue
         self.metrics = metrics
         self.cache = ConversationCache(cache_bytes)
@@ -189,10 +204,55 @@ class Scheduler:
                 retry = max(1, round(self._recent_s * (self.waiting + 1) / (2 * self.n_parallel)))
                 raise QueueFull(f"the engine is busy: {self.waiting} requests are already waiting "
                                 f"(MAX_QUEUE={self.max_queue}); retry shortly", retry)
+            self._admit_by_deadline(seq)
             self._pending.append(seq)
             self._cond.notify_all()
         self._report_queue()
         return seq
+
+    def _admit_by_deadline(self, seq: Sequence) -> None:
+        """Refuse `seq` at once (DeadlineUnreachable) when the engine's estimate says it would
+        finish after its deadline: the work ahead of it (prompts still to read, a slot to wait for)
+        plus its own. Called under the lock, with the scheduler's state as it is."""
+        now = time.perf_counter()
+        seq.reuse_guess = self._reuse_guess(seq.tokens)
+        active = [s.seq for s in self.slots if s.seq is not None]
+        est = self.estimator
+        ahead = sum(len(q.tokens) - q.n_prompt_done for q in active if q.pending_token is None and q.leader is None)
+        ahead += sum(len(q.tokens) - q.reuse_guess for q in self._pending)
+        work = Workload(own_read=len(seq.tokens) - seq.reuse_guess, own_reply=est.expected_reply(seq.params.max_tokens),
+                        ahead_read=ahead, queue_position=max(0, len(self._pending) + 1 - (self.n_parallel - len(active))),
+                        slot_frees=tuple(max(0, est.expected_reply(q.params.max_tokens) - q.n_tokens) for q in active))
+        seconds = est.seconds(work)
+        left = seq.deadline - now
+        if seconds is None or seconds <= left:
+            return
+        if self.metrics is not None:
+            self.metrics.deadline_rejections.inc()
+        retry = max(1, math.ceil(seconds - left))
+        raise DeadlineUnreachable(
+            f"the engine cannot answer within this request's deadline: about {seconds:.1f} s of work is ahead "
+            f"of its reply and {max(left, 0):.1f} s are left (REQUEST_TIMEOUT_S or the client's timeout); retry "
+            f"in {retry} s", retry)
+
+    def _reuse_guess(self, tokens: np.ndarray) -> int:
+        """How much of a prompt will not have to be read: the longest prefix it shares with what a
+        slot holds exactly, with a prompt being read or waiting (read once, then shared), or with a
+        saved state."""
+        best = 0
+        for slot in self.slots:
+            if slot.n_exact:
+                best = max(best, common_prefix(slot.kv[:slot.n_exact], tokens))
+        others = [s.seq for s in self.slots if s.seq is not None] + list(self._pending)
+        for q in others:
+            best = max(best, common_prefix(q.tokens, tokens))
+        if self.cache.enabled:
+            _entry, n = self.cache.best(tokens, lambda e, n: n)
+            best = max(best, n)
+        if self.disk is not None:
+            hit = self.disk.longest(tokens)
+            best = max(best, hit[0] if hit else 0)
+        return min(best, len(tokens) - 1)
 
     def close(self) -> None:
         """Finish what was accepted, stop the thread, then close the runtime (idempotent)."""
@@ -200,6 +260,9 @@ class Scheduler:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join()
+        if self._disk_writer is not None:  # the files being written are finished first
+            self._disk_writes.put(None)
+            self._disk_writer.join()
         self.runtime.close()
         self.cache.clear()  # its KV states belong to this model: no one can restore them now
 
@@ -277,8 +340,8 @@ class Scheduler:
         seq.slot, seq.n_prompt_done, seq.reused = slot, keep, keep
         seq.chain = rt.new_sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
-        if not self._follow(seq):
-            self._share(seq)
+        if not self._follow(seq) and not self._share(seq):
+            self._load_from_disk(seq)
 
     # -- prefix sharing between sequences ----------------------------------------------------
     def _share(self, seq: Sequence) -> bool:
@@ -289,16 +352,67 @@ class Scheduler:
         best, donor = self._best_donor(seq)
         if donor is None or best < seq.n_prompt_done + MIN_RESTORE_GAIN:
             return False
+        save = self._disk_point(best) if self.disk is not None else 0
+        if save and self.disk.contains(seq.tokens[:save]):
+            save = 0
         rt.seq_copy(donor.seq_id, slot.seq_id)
         self._copy_sources.add(donor.seq_id)
         slot.kv[:donor.n_kv] = donor.kv[:donor.n_kv]
         slot.n_kv, slot.n_exact = donor.n_kv, donor.n_exact
-        keep = self._truncate(slot, best)
+        keep = self._truncate(slot, save or best)
+        seq.disk_save = save  # a prefix two requests use: saved for the next class (after the copy lands)
         seq.n_prompt_done = seq.reused = keep
         self.shared_tokens += keep
         if self.metrics is not None:
             self.metrics.cache_hits.labels(cache="shared-prefix").inc()
         return True
+
+    def _disk_point(self, n: int) -> int:
+        """The length at which a shared prefix of `n` tokens is saved to disk (0: not saved): a
+        state past the sliding window keeps only the window, so its window starts on a multiple of
+        SWA_ALIGN (see SlotPolicy.save_length); with flash attention such a state is not saved."""
+        policy = self.policy
+        if not policy.windowed(n):
+            return n
+        if policy.flash_attn:
+            return 0
+        n -= (n - policy.n_swa) % SWA_ALIGN
+        return n if policy.windowed(n) else 0
+
+    def _load_from_disk(self, seq: Sequence) -> bool:
+        """Restore the longest prefix of `seq`'s prompt that the disk cache holds (a case prompt
+        saved by an earlier class), when that saves MIN_RESTORE_GAIN tokens over what it has."""
+        if self.disk is None or seq.slot.seq_id in self._copy_sources:
+            return False
+        prompt, policy = seq.tokens, self.policy
+        hit = self.disk.longest(prompt, lambda n: policy.restore_point(n, n, len(prompt)) == n)
+        if hit is None or hit[0] < seq.n_prompt_done + MIN_RESTORE_GAIN:
+            return False
+        state = self.disk.load(*hit)
+        if state is None:
+            return False
+        slot, rt = seq.slot, self.runtime
+        rt.seq_clear(slot.seq_id)
+        slot.clear()
+        if not rt.state_set(slot.seq_id, state):
+            log.warning("could not restore a state from the prompt cache on disk; reading the prompt")
+            rt.seq_clear(slot.seq_id)
+            seq.n_prompt_done = seq.reused = 0
+            return False
+        slot.restored(prompt[:hit[0]])
+        seq.n_prompt_done = seq.reused = hit[0]
+        if self.metrics is not None:
+            self.metrics.cache_hits.labels(cache="disk").inc()
+        return True
+
+    def _write_disk(self) -> None:
+        """The disk cache's writer: files are written off the scheduler thread."""
+        while True:
+            item = self._disk_writes.get()
+            if item is None:
+                return
+            tokens, state = item
+            self.disk.put(tokens, state)
 
     def _best_donor(self, seq: Sequence) -> tuple[int, Slot | None]:
         """The other slot whose cells give the most of `seq`'s prompt now, and how much."""
@@ -363,10 +477,17 @@ class Scheduler:
             wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))
         n = len(decoding)
         chunks: list[tuple[Sequence, int]] = []
-        for seq in prefilling:  # then prompts, in chunks that fill the rest of the batch
+        # Then prompts, in chunks that fill the rest of the batch; while sequences are generating,
+        # at most `prefill_chunk` prompt tokens a step, so that their next tokens are not long in coming.
+        budget = min(rt.n_batch, n + self.prefill_chunk) if decoding else rt.n_batch
+        saving = []
+        for seq in prefilling:
             if self._waits_for_leader(seq):
                 continue
-            start, room = seq.n_prompt_done, rt.n_batch - n
+            if seq.disk_save:  # it holds exactly the prefix once this decode has made the copy
+                saving.append(seq)
+                continue
+            start, room = seq.n_prompt_done, budget - n
             if room <= 0:
                 break
             end = self.policy.chunk_end(start, room, len(seq.tokens))
@@ -377,10 +498,27 @@ class Scheduler:
             chunks.append((seq, end - start))
             if last:
                 wants.append((seq, n - 1))
+        placeholder = None
+        if n == 0 and saving:
+            # Nothing else to decode, but llama.cpp copies the cells only at a decode: decode the
+            # saver's next token, and drop it again (it is read properly next step, with its row group).
+            placeholder = saving[0]
+            rt.batch_add(placeholder.slot.seq_id, int(placeholder.tokens[placeholder.disk_save]),
+                         placeholder.disk_save, False)
+            n = 1
         if n == 0:
             return
+        started = time.perf_counter()
         rt.decode()
+        self.estimator.observe_step(n - len(decoding), time.perf_counter() - started)
         self._copy_sources.clear()  # the copies are done
+        if placeholder is not None:
+            rt.seq_rm(placeholder.slot.seq_id, placeholder.disk_save, -1)
+        for seq in saving:
+            state = rt.state_get(seq.slot.seq_id)
+            if state:
+                self._disk_writes.put((seq.tokens[:seq.disk_save].copy(), state))
+            seq.disk_save = 0
         for seq in decoding:  # the batch went in: record what each sequence's cache now holds
             slot = seq.slot
             slot.kv[slot.n_kv] = seq.pending_token
@@ -456,6 +594,7 @@ class Scheduler:
             log.error("streamed text %r is not a prefix of the reply %r", seq.emitted, text)
         ended = time.perf_counter()
         self._recent_s = 0.8 * self._recent_s + 0.2 * (ended - seq.started)
+        self.estimator.observe_reply(seq.n_tokens)
         t_first = seq.t_first or ended
         seq.result = Generation(
             text=text, tokens=seq.n_tokens, prompt_tokens=len(seq.tokens), finish_reason=finish,

@@ -4,6 +4,7 @@ response cache, streaming or not, and the metrics, the same for the simulator, O
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -36,6 +37,7 @@ class Job:
     new_reply: Callable[[], ReplyText]  # the surface's stop rules and cleaning
     cache_key: tuple  # what, beside prompt and params, makes the output differ (stops, cleaning)
     started: float = field(default_factory=time.perf_counter)
+    deadline: float = 0.0  # time.perf_counter() by which it must be done (set by start())
     result: Generation | None = None
     model_name: str = ""
     adapters: list = field(default_factory=list)  # the LoRA adapters of the model that answered
@@ -70,7 +72,7 @@ class Run:
             job.params = dataclasses.replace(job.params, max_tokens=max(model.n_ctx - len(tokens), 1))
         try:
             self.seq = engine.submit(tokens, job.params, job.new_reply(), job.started,
-                                     job.started + host.settings.request_timeout_s)
+                                     job.deadline or job.started + host.settings.request_timeout_s)
         except QueueFull:
             host.metrics.rejections.inc()
             raise
@@ -148,14 +150,18 @@ def streaming_response(body: Iterator[str], run: Run, mimetype: str) -> Response
 
 
 def start(host: ModelManager, name: str | None, make_job: Callable[[LoadedModel], Job], *,
-          keep_alive_s: float | None = None, started: float | None = None) -> Run:
+          keep_alive_s: float | None = None, started: float | None = None, timeout_s: float | None = None) -> Run:
     """Lease the model `name` means (the default when empty; loading it if need be, within the
     request's deadline), build the job for it (`make_job` may render a chat template with the
-    model), and submit it. The lease ends with the run, or here if anything fails."""
+    model), and submit it. The deadline is REQUEST_TIMEOUT_S after `started`, or the client's
+    shorter `timeout_s`. The lease ends with the run, or here if anything fails."""
     started = time.perf_counter() if started is None else started
-    lease = host.acquire(name, keep_alive_s=keep_alive_s, deadline=started + host.settings.request_timeout_s)
+    deadline = started + min(host.settings.request_timeout_s, timeout_s or math.inf)
+    lease = host.acquire(name, keep_alive_s=keep_alive_s, deadline=deadline)
     try:
-        return Run(host, lease, make_job(lease.model))
+        job = make_job(lease.model)
+        job.deadline = deadline
+        return Run(host, lease, job)
     except BaseException:
         lease.release()
         raise

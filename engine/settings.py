@@ -115,6 +115,14 @@ class Settings:
         "CACHE_RAM_MB", "RAM budget of the conversation cache (KV states of recent interviews, so each "
         "turn evaluates only its new tokens). 0 turns it off: every prompt is evaluated in full.",
         256, minimum=0)
+    prompt_cache_dir: str = _setting(
+        "PROMPT_CACHE_DIR", "Folder of the prompt cache on disk: the KV state of prompt prefixes that several "
+        "requests used (a class's case prompt), kept across restarts so the next class starts warm. One "
+        "subfolder per model; files 0600; a corrupt or foreign file is removed, never loaded.", "",
+        default_doc="`$XDG_CACHE_HOME/ai-engine/prompt-cache` (`~/.cache/...`)")
+    prompt_cache_mb: int = _setting(
+        "PROMPT_CACHE_MB", "Disk budget of the prompt cache per model (least recently used files go first). "
+        "0 turns it off.", 2048, minimum=0)
     response_cache_size: int = _setting(
         "RESPONSE_CACHE_SIZE", "Replies kept for deterministic requests (temperature 0 or a seed); an "
         "identical request is answered from memory. 0 turns it off.", 256, minimum=0)
@@ -124,6 +132,10 @@ class Settings:
         "576 MB for the default model, 4 GB for a 7B one: use 4 there). 8 serves a class on 2 cores: as fast "
         "as 4 for up to 4 students, and 8 at once get their first word in 0.2 s instead of 2.9 s.", 8,
         minimum=1, maximum=64)
+    prefill_chunk: int = _setting(
+        "PREFILL_CHUNK", "Prompt tokens read per decode step while other requests are generating (chunked "
+        "prefill): a 2,500-token case prompt then slows the others' replies instead of stopping them for seconds. "
+        "Alone, a prompt is read N_BATCH tokens at a time.", 256, minimum=8)
     max_queue: int = _setting(
         "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
         "answers 503 with Retry-After at once.", 32, minimum=0)
@@ -145,7 +157,9 @@ class Settings:
         True, default_doc="`on`")
     request_timeout_s: int = _setting(
         "REQUEST_TIMEOUT_S", "Deadline of a request in seconds, queue wait + generation; past it the "
-        "generation stops and the client gets a 504.", 120, minimum=1)
+        "generation stops and the client gets a 504. A client may ask for a shorter one (`X-Request-Timeout` "
+        "header or `timeout_s` field, seconds). A request that the engine estimates cannot finish in time (from "
+        "its measured speed and the work ahead) gets 503 with Retry-After at once.", 120, minimum=1)
     api_key: str = _setting(
         "ENGINE_API_KEY", "If set, every route but /health and /openapi.json needs it "
         "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).", "", default_doc="empty (no key)")

@@ -445,8 +445,11 @@ def class_part(args, machine: str, llama_server: str | None,
     cases = load_cases()
     if not 1 <= n_cases <= len(cases):
         raise SystemExit(f"--cases must be between 1 and {len(cases)} (bench/cases/class_cases.json)")
+    try:
+        students = plan_class(cases[:n_cases], n_students, turns, think, args.seed)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     model = class_model(args.model)
-    students = plan_class(cases[:n_cases], n_students, turns, think, args.seed)
     counts = token_counts(model, cases[:n_cases])
     env = engine_env(model, args.threads, args.flash_attn)
     settings = Settings.load(env={**os.environ, **env})
@@ -481,9 +484,11 @@ def class_part(args, machine: str, llama_server: str | None,
         "students": n_students, "cases": n_cases, "turns": turns, "think_s": list(think), "seed": args.seed,
         "model": args.model, "model_file": model.name, "num_predict": choice.num_predict,
         "case_prompt_tokens": counts, "n_parallel": settings.n_parallel, "max_queue": settings.max_queue,
-        "n_ctx": settings.n_ctx, "threads": args.threads, "flash_attn": settings.flash_attn,
+        "n_ctx": settings.n_ctx, "threads": args.threads, "engine_threads": settings.n_threads,
+        "flash_attn": settings.flash_attn,
         "cache_ram_mb": settings.cache_ram_mb, "request_timeout_s": settings.request_timeout_s,
-        "environment": {k: os.environ[k] for k in sorted(os.environ) if k in engine_variables()},
+        "environment": {k: "(set)" if k == "ENGINE_API_KEY" else os.environ[k] for k in sorted(os.environ)
+                        if k in engine_variables() and k not in env},
         "llama_server": llama_server if "llama-server" in servers else None,
         "socket_timeout_s": args.socket_timeout, "max_minutes_per_server": args.max_minutes,
         "machine": machine, "date": date.today().isoformat(),
@@ -545,8 +550,8 @@ def describe(config: dict, servers: list[str], llama_missing: bool) -> list[str]
              "a 504) counts as over 30 s and as `no answer` in the percentiles. 503s are refusals, counted apart "
              "from the reply times.", "", f"- model: {c['model_file']}: {MODELS[c['model']].about}"]
     if "engine" in servers:
-        lines.append(f"- engine: `python -m engine serve`, its defaults except MODEL/MODEL_PATH and {c['threads']} "
-                     f"threads: N_PARALLEL {c['n_parallel']}, MAX_QUEUE {c['max_queue']}, N_CTX {c['n_ctx']}, "
+        lines.append(f"- engine: `python -m engine serve`, its defaults except MODEL/MODEL_PATH and "
+                     f"{c['engine_threads']} threads: N_PARALLEL {c['n_parallel']}, MAX_QUEUE {c['max_queue']}, N_CTX {c['n_ctx']}, "
                      f"FLASH_ATTN {c['flash_attn']}, CACHE_RAM_MB {c['cache_ram_mb']}, REQUEST_TIMEOUT_S "
                      f"{c['request_timeout_s']}; engine settings from the environment: {env}; `POST /api/generate`")
     if "llama-server" in servers:

@@ -34,6 +34,20 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prompt_cache_dir(tmp_path_factory) -> Path:
+    """The prompt cache on disk of every engine the tests start (servers inherit the environment)
+    lives in a temporary folder, never in the user's cache directory."""
+    folder = tmp_path_factory.mktemp("prompt-cache")
+    previous = os.environ.get("PROMPT_CACHE_DIR")
+    os.environ["PROMPT_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("PROMPT_CACHE_DIR", None)
+    else:
+        os.environ["PROMPT_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def default_model_file() -> Path:
     """The embedded default model, assembled into the repo's models/ folder if not there yet."""

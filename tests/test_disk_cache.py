@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from engine import disk_cache
-from engine.disk_cache import _HEADER, MAGIC, DiskCache, default_cache_dir, model_identity, token_key
+from engine.disk_cache import _HEADER, DiskCache, default_cache_dir, model_identity, token_key
 
 MODEL = "0123456789abcdef"
 SECRET = 31337  # tokens are SECRET..SECRET+999: health data, never to appear in a log
@@ -160,7 +160,8 @@ CORRUPTIONS = {
     "token altered": flip(TOKENS_AT + 8),
     "garbage": lambda path: path.write_bytes(os.urandom(3000)),
     # A valid file outside the model's folder, linked in: only O_NOFOLLOW keeps it out.
-    "symlink": lambda path: (path.rename(path.parent.parent / path.name), path.symlink_to(path.parent.parent / path.name)),
+    "symlink": lambda path: (path.rename(path.parent.parent / path.name),
+                             path.symlink_to(path.parent.parent / path.name)),
     "folder": lambda path: (path.unlink(), path.mkdir()),
     "fifo": lambda path: (path.unlink(), os.mkfifo(path)),  # must not hang the engine
 }

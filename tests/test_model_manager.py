@@ -48,7 +48,8 @@ class Fakes:
         for name in ("a.gguf", "b.gguf", "c.gguf", ALIAS_FILE):
             tiny_gguf(self.dir / name)
         self.settings = Settings.load(env={}, **{"model_path": self.dir, "n_ctx": 256, "n_parallel": 2,
-                                                 "n_batch": 64, "request_timeout_s": 5, **settings})
+                                                 "n_batch": 64, "request_timeout_s": 5,
+                                                 "prompt_cache_dir": str(tmp_path / "prompt-cache"), **settings})
         self.sizes = sizes or {}
         self.step_delay_s, self.load_delay_s = step_delay_s, load_delay_s
         self.loads: list[str] = []

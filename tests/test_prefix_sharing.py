@@ -76,3 +76,48 @@ def test_a_class_arriving_at_once_reads_the_case_once(default_model_file, cases)
         assert sorted(r.reused_tokens > 0 for r in results) == [False, True, True, True]
     finally:
         eng.close()
+
+
+def make_with_disk(model_file, folder):
+    import llama_cpp as L
+
+    from engine.disk_cache import DiskCache
+    from engine.runtime import LlamaRuntime
+    from engine.scheduler import Scheduler
+
+    runtime = LlamaRuntime(model_file, n_ctx=2048, n_parallel=2, n_batch=512, n_threads=2, n_threads_batch=2,
+                           n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
+    return Scheduler(runtime, cache_bytes=256 << 20, max_queue=8, disk=DiskCache(folder, 1 << 30, "gemma"))
+
+
+def test_the_case_prompt_survives_a_restart_on_disk(default_model_file, fresh, cases, tmp_path):
+    """Two students share a case prompt (past the sliding window): the engine saves it to disk. A
+    new engine (a restart) answers the next student's first turn reading only their own part, with
+    the reply a cold read gives. A corrupt file is removed and the prompt read in full, same reply."""
+    prompts = [student_prompt(cases[1], 20, q) for q in QUESTIONS]
+    eng = make_with_disk(default_model_file, tmp_path)
+    try:
+        generate(eng, prompts[0])
+        assert generate(eng, prompts[1]).reused_tokens > 0
+    finally:
+        eng.close()  # the file being written is finished first
+    files = list(tmp_path.glob("gemma/*.kv"))
+    assert len(files) == 1
+    eng = make_with_disk(default_model_file, tmp_path)
+    try:
+        a, b = generate(eng, prompts[2]), generate(fresh, prompts[2])
+        assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob)
+        assert a.reused_tokens > a.prompt_tokens - 24 - 64, (a.reused_tokens, a.prompt_tokens)
+        assert eng.disk.stats["hits"] == 1
+    finally:
+        eng.close()
+    data = bytearray(files[0].read_bytes())
+    data[-100] ^= 0xFF
+    files[0].write_bytes(bytes(data))
+    eng = make_with_disk(default_model_file, tmp_path)
+    try:
+        a, b = generate(eng, prompts[3]), generate(fresh, prompts[3])
+        assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob) and a.reused_tokens == 0
+        assert not files[0].exists() and eng.disk.stats["corrupt"] == 1
+    finally:
+        eng.close()

@@ -121,6 +121,7 @@ def generate():
     or the model has none (then the prompt is used as it is, like Ollama's `{{ .Prompt }}`)."""
     started = time.perf_counter()
     body = v.json_body()
+    timeout_s = v.client_timeout(body)
     name = v.string(body, "model", required=True)
     prompt = v.string(body, "prompt", non_empty=False) or ""
     system = v.string(body, "system", non_empty=False)
@@ -149,7 +150,8 @@ def generate():
             text = f"{system}\n\n{text}"
         return service.plain_job(text, params, (stop or []) + list(extra_stops), started)
 
-    run = service.start(host, name, make_job, keep_alive_s=keep_alive, started=started)
+    run = service.start(host, name, make_job, keep_alive_s=keep_alive,
+                        started=started, timeout_s=timeout_s)
     return _respond(run, stream, lambda text: {"response": text})
 
 
@@ -158,6 +160,7 @@ def chat():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
     body = v.json_body()
+    timeout_s = v.client_timeout(body)
     name = v.string(body, "model", required=True)
     stream = v.boolean(body, "stream", True)
     _refuse_unsupported(body, "tools", "format")
@@ -169,7 +172,8 @@ def chat():
         prompt = service.chat_prompt_for(model, messages)
         return service.plain_job(prompt.text, params, (stop or []) + list(prompt.extra_stops), started)
 
-    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive, started=started)
+    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive,
+                        started=started, timeout_s=timeout_s)
     return _respond(run, stream, lambda text: {"message": {"role": "assistant", "content": text}})
 
 

@@ -160,6 +160,7 @@ def completions():
     """Complete a raw `prompt` (no chat template)."""
     started = time.perf_counter()
     body = v.json_body()
+    timeout_s = v.client_timeout(body)
     name = v.string(body, "model", required=True)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -170,7 +171,7 @@ def completions():
     params, stop = _params(body, default_max_tokens=16)
     stream, include_usage = _stream_flags(body)
     run = service.start(_host(), name, lambda _model: service.plain_job(prompt, params, stop, started),
-                        started=started)
+                        started=started, timeout_s=timeout_s)
 
     def choice(text, finish):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -186,6 +187,7 @@ def chat_completions():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
     body = v.json_body()
+    timeout_s = v.client_timeout(body)
     name = v.string(body, "model", required=True)
     messages = validate_messages(body.get("messages"))
     params, stop = _params(body, default_max_tokens=0)
@@ -195,7 +197,7 @@ def chat_completions():
         prompt = service.chat_prompt_for(model, messages)
         return service.plain_job(prompt.text, params, stop + list(prompt.extra_stops), started)
 
-    run = service.start(_host(), name, make_job, started=started)
+    run = service.start(_host(), name, make_job, started=started, timeout_s=timeout_s)
 
     def choice(text, finish):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,

@@ -43,6 +43,7 @@ def generate():
     """
     started = time.perf_counter()
     body = v.json_body()
+    timeout_s = v.client_timeout(body)
     prompt = v.string(body, "prompt", required=True)
     defaults = SamplingParams()
     params = SamplingParams(
@@ -65,7 +66,8 @@ def generate():
                            cache_key=("patient", *service.stop_key(stop)), started=started)
 
     # Model, queue, timeout and prompt errors are plain 4xx/5xx, before any stream starts.
-    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive, started=started)
+    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive,
+                        started=started, timeout_s=timeout_s)
     job = run.job
     if not stream:
         service.complete(run)

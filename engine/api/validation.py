@@ -110,3 +110,23 @@ def duration(body: dict, name: str) -> float | None:
         return parse_duration(value)
     except ValueError as exc:
         raise BadRequest(f"'{name}': {exc}", field=name) from None
+
+
+MIN_CLIENT_TIMEOUT_S = 1  # no reply comes sooner: a shorter deadline is a mistake, not a wish
+
+
+def client_timeout(body: dict) -> float | None:
+    """The deadline a client asks for, in seconds: the `timeout_s` field, else the
+    `X-Request-Timeout` header (a number >= 1); None when it asks for none (REQUEST_TIMEOUT_S holds,
+    and a longer one is cut to it)."""
+    value = number(body, "timeout_s", None, minimum=MIN_CLIENT_TIMEOUT_S)
+    if value is None and request.headers.get("X-Request-Timeout"):
+        raw = request.headers["X-Request-Timeout"]
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < MIN_CLIENT_TIMEOUT_S:
+            raise BadRequest(f"the X-Request-Timeout header must be a number of seconds >= {MIN_CLIENT_TIMEOUT_S}, "
+                             f"got {raw[:40]!r}", field="X-Request-Timeout")
+    return value

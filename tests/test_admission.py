@@ -1,0 +1,114 @@
+"""Deadline-aware admission: the estimate from plain numbers, and on the scheduler (fake runtime)
+a request that cannot finish in time refused at once with 503 + Retry-After while the others
+stay on time; the client's own shorter deadline over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine.admission import DeadlineEstimator, DeadlineUnreachable, Workload
+from engine.generation import ReplyText, SamplingParams, StopRules
+from engine.scheduler import Scheduler
+from tests.fake_runtime import FakeRuntime
+
+
+def measured(step_s: float = 0.02, row_s: float = 0.002, reply: float = 20) -> DeadlineEstimator:
+    est = DeadlineEstimator(reply_tokens=reply)
+    est.observe_step(0, step_s)
+    est.observe_step(100, step_s + 100 * row_s)
+    return est
+
+
+def test_no_estimate_before_the_engine_has_measured_itself():
+    est = DeadlineEstimator()
+    assert est.seconds(Workload(own_read=3000, own_reply=100, ahead_read=10**6)) is None
+    est.observe_step(0, 0.02)
+    assert est.seconds(Workload(own_read=3000, own_reply=100, ahead_read=0)) is None  # no prompt step yet
+
+
+@pytest.mark.parametrize("work,seconds", [
+    (Workload(own_read=0, own_reply=20, ahead_read=0), 20 * 0.02),
+    (Workload(own_read=100, own_reply=20, ahead_read=0), 100 * 0.002 + 20 * 0.02),
+    (Workload(own_read=100, own_reply=20, ahead_read=400), 500 * 0.002 + 20 * 0.02),
+    # no free slot: wait for the sequence closest to its end, then read and reply
+    (Workload(own_read=100, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=1),
+     5 * 0.02 + 100 * 0.002 + 20 * 0.02),
+    (Workload(own_read=100, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=2),
+     15 * 0.02 + 100 * 0.002 + 20 * 0.02),
+    # third in line for two slots: one more reply's worth of waiting
+    (Workload(own_read=0, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=3),
+     (5 + 20) * 0.02 + 20 * 0.02),
+])
+def test_estimate(work, seconds):
+    assert measured().seconds(work) == pytest.approx(seconds)
+
+
+def test_moving_averages_follow_the_machine():
+    est = measured(step_s=0.02, row_s=0.002)
+    for _ in range(30):
+        est.observe_step(0, 0.04)  # the machine got slower
+        est.observe_step(200, 0.04 + 200 * 0.004)
+    assert est.step_s == pytest.approx(0.04, rel=0.01) and est.row_s == pytest.approx(0.004, rel=0.02)
+    for _ in range(30):
+        est.observe_reply(60)
+    assert est.expected_reply(150) == 60 and est.expected_reply(10) == 10
+
+
+def ask(eng: Scheduler, prompt: str, max_tokens: int, timeout_s: float):
+    started = time.perf_counter()
+    return eng.submit(eng.tokenize(prompt), SamplingParams(temperature=0, max_tokens=max_tokens),
+                      ReplyText(StopRules()), started, started + timeout_s)
+
+
+def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_and_the_others_stay_on_time():
+    """One slot, 10 ms a step, replies of 60 tokens (0.6 s each). After the engine has measured
+    itself, requests with a 2 s deadline queue up: the ones that fit are accepted and finish in
+    time, the next one is refused at once with a Retry-After, nobody runs late."""
+    reply = "x" * 60
+    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=1, n_batch=64, n_ctx=512, reply=reply, step_delay_s=0.01),
+                    cache_bytes=0, max_queue=16)
+    try:
+        for i in range(2):  # warm-up: the engine measures its steps and its reply length
+            ask(eng, f"calentamiento {i} " * 8, 100, 30).wait()
+        accepted, refused = [], []
+        for i in range(8):
+            try:
+                accepted.append(ask(eng, f"estudiante {i} " * 8, 100, 2.0))
+            except DeadlineUnreachable as exc:
+                refused.append(exc)
+                started = time.perf_counter()
+        assert 1 <= len(accepted) < 8 and refused
+        assert all(exc.status == 503 and int(exc.headers["Retry-After"]) >= 1 for exc in refused)
+        assert time.perf_counter() - started < 0.1  # refused at once, not after waiting
+        for seq in accepted:
+            result = seq.wait()
+            assert result.text == reply and result.total_s <= 2.0
+    finally:
+        eng.close()
+
+
+def test_the_client_deadline_over_http(tmp_path):
+    """`timeout_s` (or X-Request-Timeout) is accepted on the simulator's route; values under a
+    second, or not numbers, are a 400 that names the field or header (the refusal itself is
+    tested on the scheduler above)."""
+    from tests.test_model_manager import Fakes
+
+    f = Fakes(tmp_path)
+    try:
+        from engine.model_files import ModelSpec
+
+        f.manager.load(ModelSpec(f.dir / "a.gguf"))
+        client = f.app().test_client()
+        body = {"prompt": "Estudiante: Hola, ¿cómo estás hoy?\nPaciente:", "max_length": 200, "stop": []}
+        assert client.post("/generate", json=body).status_code == 200  # measured once
+        assert client.post("/generate", json={**body, "timeout_s": 30}).status_code == 200
+        assert client.post("/generate", json=body, headers={"X-Request-Timeout": "2.5"}).status_code == 200
+        for bad in ({"timeout_s": 0}, {"timeout_s": "soon"}, {"timeout_s": 0.5}):
+            r = client.post("/generate", json={**body, **bad})
+            assert r.status_code == 400 and "timeout_s" in r.get_json()["error"]
+        r = client.post("/generate", json=body, headers={"X-Request-Timeout": "never"})
+        assert r.status_code == 400 and "X-Request-Timeout" in r.get_json()["error"]
+    finally:
+        f.manager.close()
