@@ -69,6 +69,7 @@ class Sequence:
     pending_token: int | None = None
     disk_save: int = 0  # save the first this-many tokens to the disk cache before reading on
     reuse_guess: int = 0  # prompt tokens some sequence or cache is expected to give it (admission)
+    order: int = 0  # placement order: a sequence only follows one placed before it (no cycles)
     leader: "Sequence | None" = None  # a sequence reading the same prefix, which this one waits for
     target: int = 0  # how much of the prompt the leader will give
     n_tokens: int = 0
@@ -141,6 +142,7 @@ class Scheduler:
         self._stopping = False
         self._recent_s = 2.0  # moving estimate of one request's time, for Retry-After
         self.shared_tokens = 0  # prompt tokens copied from another sequence instead of read
+        self._placed = 0
         # Slots whose cells a copy reads at the next decode (llama.cpp copies the buffers then): no
         # state may be restored into them before it, or the copy would take the restored cells.
         self._copy_sources: set[int] = set()
@@ -337,7 +339,8 @@ class Scheduler:
                 if self.metrics is not None:
                     self.metrics.cache_hits.labels(cache="conversation").inc()
         keep = self._truncate(slot, keep)
-        seq.slot, seq.n_prompt_done, seq.reused = slot, keep, keep
+        self._placed += 1
+        seq.slot, seq.n_prompt_done, seq.reused, seq.order = slot, keep, keep, self._placed
         seq.chain = rt.new_sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
         if not self._follow(seq) and not self._share(seq):
@@ -430,12 +433,14 @@ class Scheduler:
     def _follow(self, seq: Sequence) -> bool:
         """If another sequence is still reading a prompt that shares a longer prefix with this one
         than any sequence holds now, wait for it (`_step` skips a follower) and copy the prefix
-        then, rather than reading it a second time alongside. True if `seq` now follows one."""
+        then, rather than reading it a second time alongside. True if `seq` now follows one. The
+        one it follows may itself wait for another, placed earlier still: a sequence only follows
+        one placed before it, so no two wait for each other."""
         now, _donor = self._best_donor(seq)
         best, leader = max(now, seq.n_prompt_done) + MIN_RESTORE_GAIN - 1, None
         for other in self.slots:
             lead = other.seq
-            if lead is None or lead is seq or lead.pending_token is not None or lead.leader is not None:
+            if lead is None or lead.order >= seq.order or lead.pending_token is not None:
                 continue
             point = self.policy.follow_point(lead.tokens, seq.tokens)
             if point > best:
@@ -455,7 +460,9 @@ class Scheduler:
             return True
         seq.leader = None
         self._share(seq)
-        return False
+        # Two cases may open alike (the same role-play rules): what it copied may be only that
+        # opening, while a classmate now reads the rest of its own case. Wait for that one too.
+        return self._follow(seq)
 
     def _step(self) -> None:
         """One decode for every active sequence, then sample those that have logits."""

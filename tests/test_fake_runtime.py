@@ -225,3 +225,18 @@ def test_no_sharing_without_the_cache(make):
     eng = make(n_parallel=3, n_batch=64, n_ctx=2048, cache_bytes=0)
     seqs = [ask(eng, CASE + f"Estudiante: {i}\nPaciente:") for i in range(3)]
     assert all(s.wait().reused_tokens == 0 for s in seqs) and eng.runtime.copies == 0
+
+
+def test_two_cases_that_open_alike_each_read_once_and_nobody_waits_forever(make):
+    """Two cases share their opening (the same role-play rules); their students arrive mixed. Each
+    case's rest is read once; a student that copied the common opening then waits for the
+    classmate reading its own case, and no two students wait for each other."""
+    rules = "Reglas del juego de rol para el paciente simulado. " * 12
+    cases = [rules + "CASO A: " + "Martina, ataques de pánico. " * 12, rules + "CASO B: " + "Julián, despido. " * 20]
+    eng = make(n_parallel=8, n_batch=64, n_ctx=4096, step_delay_s=0.001)
+    seqs = [ask(eng, cases[i % 2] + f"\nEstudiante: pregunta {i}\nPaciente:", timeout_s=5) for i in range(8)]
+    results = [s.wait() for s in seqs]  # a deadlock would end in RequestTimeout here
+    read = sum(r.prompt_tokens - r.reused_tokens for r in results)
+    longest = max(r.prompt_tokens for r in results)
+    assert read < 2 * longest, (read, longest)  # each case about once, plus the questions
+    assert eng.runtime.copies >= 6
