@@ -303,7 +303,10 @@ class Scheduler:
                         self._place(seq)
                     except Exception as exc:  # a llama.cpp or memory failure: this request fails, not silently
                         log.exception("could not place a request")
-                        seq.end(EngineError(f"generation failed: {exc}"))
+                        if seq.slot is not None and seq.slot.seq is seq:  # placed halfway: give the slot back
+                            self._finish(seq, EngineError(f"generation failed: {exc}"))
+                        else:
+                            seq.end(EngineError(f"generation failed: {exc}"))
                         continue
                     free -= 1
         self._report_queue()
@@ -343,8 +346,23 @@ class Scheduler:
         seq.slot, seq.n_prompt_done, seq.reused, seq.order = slot, keep, keep, self._placed
         seq.chain = rt.new_sampler(seq.params)
         slot.seq, slot.last_used = seq, time.perf_counter()
-        if not self._follow(seq) and not self._share(seq):
-            self._load_from_disk(seq)
+        self._take_prefix(seq)
+        log.debug("placed: slot %d, %d of %d prompt tokens held, following %s (target %d)", slot.seq_id,
+                  seq.n_prompt_done, len(prompt), seq.leader.slot.seq_id if seq.leader else None, seq.target)
+
+    def _take_prefix(self, seq: Sequence) -> bool:
+        """Take the most of `seq`'s prompt that is to be had without reading it: wait for a
+        classmate reading it (if that will give the most), else restore it from the disk cache or
+        copy it from another sequence, whichever gives more. True if `seq` now waits for a leader."""
+        shared, _donor = self._best_donor(seq)
+        hit = self._disk_hit(seq)
+        on_disk = hit[0] if hit else 0
+        if self._follow(seq, beyond=max(shared, on_disk)):
+            return True
+        if on_disk > shared and self._load_from_disk(seq, hit):
+            return False
+        self._share(seq)
+        return False
 
     # -- prefix sharing between sequences ----------------------------------------------------
     def _share(self, seq: Sequence) -> bool:
@@ -382,14 +400,18 @@ class Scheduler:
         n -= (n - policy.n_swa) % SWA_ALIGN
         return n if policy.windowed(n) else 0
 
-    def _load_from_disk(self, seq: Sequence) -> bool:
-        """Restore the longest prefix of `seq`'s prompt that the disk cache holds (a case prompt
-        saved by an earlier class), when that saves MIN_RESTORE_GAIN tokens over what it has."""
-        if self.disk is None or seq.slot.seq_id in self._copy_sources:
-            return False
+    def _disk_hit(self, seq: Sequence):
+        """The longest prefix of `seq`'s prompt that the disk cache holds and that it can continue
+        from its end: (tokens, file), or None."""
+        if self.disk is None:
+            return None
         prompt, policy = seq.tokens, self.policy
-        hit = self.disk.longest(prompt, lambda n: policy.restore_point(n, n, len(prompt)) == n)
-        if hit is None or hit[0] < seq.n_prompt_done + MIN_RESTORE_GAIN:
+        return self.disk.longest(prompt, lambda n: policy.restore_point(n, n, len(prompt)) == n)
+
+    def _load_from_disk(self, seq: Sequence, hit) -> bool:
+        """Restore the prefix `hit` (from `_disk_hit`: a case prompt saved by an earlier class),
+        when that saves MIN_RESTORE_GAIN tokens over what the slot has."""
+        if hit is None or seq.slot.seq_id in self._copy_sources or hit[0] < seq.n_prompt_done + MIN_RESTORE_GAIN:
             return False
         state = self.disk.load(*hit)
         if state is None:
@@ -402,7 +424,7 @@ class Scheduler:
             rt.seq_clear(slot.seq_id)
             seq.n_prompt_done = seq.reused = 0
             return False
-        slot.restored(prompt[:hit[0]])
+        slot.restored(seq.tokens[:hit[0]])
         seq.n_prompt_done = seq.reused = hit[0]
         if self.metrics is not None:
             self.metrics.cache_hits.labels(cache="disk").inc()
@@ -430,14 +452,13 @@ class Scheduler:
                 best, donor = point, other
         return best, donor
 
-    def _follow(self, seq: Sequence) -> bool:
+    def _follow(self, seq: Sequence, beyond: int = 0) -> bool:
         """If another sequence is still reading a prompt that shares a longer prefix with this one
         than any sequence holds now, wait for it (`_step` skips a follower) and copy the prefix
         then, rather than reading it a second time alongside. True if `seq` now follows one. The
         one it follows may itself wait for another, placed earlier still: a sequence only follows
         one placed before it, so no two wait for each other."""
-        now, _donor = self._best_donor(seq)
-        best, leader = max(now, seq.n_prompt_done) + MIN_RESTORE_GAIN - 1, None
+        best, leader = max(beyond, seq.n_prompt_done) + MIN_RESTORE_GAIN - 1, None
         for other in self.slots:
             lead = other.seq
             if lead is None or lead.order >= seq.order or lead.pending_token is not None:
@@ -459,10 +480,9 @@ class Scheduler:
         if reading and lead.slot.n_exact < seq.target:
             return True
         seq.leader = None
-        self._share(seq)
-        # Two cases may open alike (the same role-play rules): what it copied may be only that
-        # opening, while a classmate now reads the rest of its own case. Wait for that one too.
-        return self._follow(seq)
+        # Two cases may open alike (the same role-play rules): what it copies may be only that
+        # opening, while a classmate now reads the rest of its own case. Then it waits for that one.
+        return self._take_prefix(seq)
 
     def _step(self) -> None:
         """One decode for every active sequence, then sample those that have logits."""

@@ -240,3 +240,23 @@ def test_two_cases_that_open_alike_each_read_once_and_nobody_waits_forever(make)
     longest = max(r.prompt_tokens for r in results)
     assert read < 2 * longest, (read, longest)  # each case about once, plus the questions
     assert eng.runtime.copies >= 6
+
+
+def test_a_placement_that_fails_halfway_gives_its_slot_back(make, monkeypatch):
+    """A failure after the slot was taken (a disk or llama.cpp error) ends that request with an
+    error and leaves the slot free and empty: the next requests are served (it was lost before)."""
+    eng = make(n_parallel=1, n_batch=64, n_ctx=2048)
+    original = eng._take_prefix
+    calls = []
+
+    def failing(seq):
+        calls.append(seq)
+        if len(calls) == 1:
+            raise OSError("disk on fire")
+        return original(seq)
+
+    monkeypatch.setattr(eng, "_take_prefix", failing)
+    with pytest.raises(EngineError, match="disk on fire"):
+        ask(eng, CASE + "Estudiante: uno\nPaciente:").wait()
+    assert eng.slots[0].seq is None and eng.slots[0].n_kv == 0
+    assert ask(eng, CASE + "Estudiante: dos\nPaciente:").wait().text
