@@ -71,12 +71,25 @@ class DeadlineEstimator:
         self.row_s: float | None = None
         self.reply_tokens = reply_tokens
 
+    STEP_ROWS = 8  # before a decode step is measured, one is taken to cost as much as 8 prompt tokens
+
     def observe_step(self, prefill_rows: int, seconds: float) -> None:
         if prefill_rows < self.MIN_PREFILL_ROWS:
             self.step_s = seconds if self.step_s is None else (1 - self.ALPHA) * self.step_s + self.ALPHA * seconds
-        elif self.step_s is not None:
-            row = max(seconds - self.step_s, 0.0) / prefill_rows
-            self.row_s = row if self.row_s is None else (1 - self.ALPHA) * self.row_s + self.ALPHA * row
+            return
+        # A class starts with prompts only: the first steps read them, before any token is decoded.
+        row = max(seconds - (self.step_s or 0.0), 0.0) / prefill_rows
+        self.row_s = row if self.row_s is None else (1 - self.ALPHA) * self.row_s + self.ALPHA * row
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is an estimate: a prompt step has been measured."""
+        return self.row_s is not None
+
+    @property
+    def step(self) -> float:
+        """Seconds a decode step takes (measured, else STEP_ROWS prompt tokens' worth)."""
+        return self.step_s if self.step_s is not None else self.STEP_ROWS * self.row_s
 
     def observe_reply(self, tokens: int) -> None:
         self.reply_tokens = (1 - self.ALPHA) * self.reply_tokens + self.ALPHA * tokens
@@ -86,11 +99,11 @@ class DeadlineEstimator:
 
     def seconds(self, w: Workload) -> float | None:
         """Seconds until the request would finish; None while the speed is unknown."""
-        if self.step_s is None or self.row_s is None:
+        if not self.ready:
             return None
         wait = 0.0
         if w.queue_position > 0:  # a slot frees when a sequence ahead finishes its reply
             frees = sorted(w.slot_frees)
             rounds, index = divmod(w.queue_position - 1, max(len(frees), 1))
-            wait = ((frees[index] if frees else self.reply_tokens) + rounds * self.reply_tokens) * self.step_s
-        return wait + (w.ahead_read + w.own_read) * self.row_s + w.own_reply * self.step_s
+            wait = ((frees[index] if frees else self.reply_tokens) + rounds * self.reply_tokens) * self.step
+        return wait + (w.ahead_read + w.own_read) * self.row_s + w.own_reply * self.step

@@ -227,12 +227,37 @@ class Scheduler:
                         slot_frees=tuple(max(0, est.expected_reply(q.params.max_tokens) - q.n_tokens) for q in active))
         seconds = est.seconds(work)
         left = seq.deadline - now
-        if seconds is None or seconds <= left:
+        if seconds is not None and seconds > left:
+            raise self._too_late(seconds, left)
+
+    def _refuse_the_late(self, now: float) -> None:
+        """Requests accepted before the engine knew its speed (the first ones after a start), or
+        whose work grew: those still waiting, or not yet reading, that the estimate now says would
+        finish after their deadline are answered 503 with Retry-After now, rather than 504 at the
+        deadline. A sequence refused while reading keeps what it read (see `_finish`)."""
+        est = self.estimator
+        if not est.ready:
             return
+        ahead = 0
+        for seq in sorted((s.seq for s in self.slots if s.seq is not None and s.seq.pending_token is None),
+                          key=lambda q: q.order):
+            # A follower waits for its leader (counted before it) and then reads only past the target.
+            ahead += len(seq.tokens) - (seq.target if seq.leader else seq.n_prompt_done)
+            need = ahead * est.row_s + est.expected_reply(seq.params.max_tokens) * est.step
+            if now + need > seq.deadline:
+                self._finish(seq, self._too_late(need, seq.deadline - now))
+        for seq in list(self._pending):
+            ahead += len(seq.tokens) - seq.reuse_guess
+            need = ahead * est.row_s + est.expected_reply(seq.params.max_tokens) * est.step
+            if now + need > seq.deadline:
+                self._pending.remove(seq)
+                seq.end(self._too_late(need, seq.deadline - now))
+
+    def _too_late(self, seconds: float, left: float) -> DeadlineUnreachable:
         if self.metrics is not None:
             self.metrics.deadline_rejections.inc()
         retry = max(1, math.ceil(seconds - left))
-        raise DeadlineUnreachable(
+        return DeadlineUnreachable(
             f"the engine cannot answer within this request's deadline: about {seconds:.1f} s of work is ahead "
             f"of its reply and {max(left, 0):.1f} s are left (REQUEST_TIMEOUT_S or the client's timeout); retry "
             f"in {retry} s", retry)
@@ -293,6 +318,7 @@ class Scheduler:
         now = time.perf_counter()
         with self._cond:  # placed under the lock, so `waiting` never undercounts for submit()
             free = sum(s.seq is None for s in self.slots)
+            self._refuse_the_late(now)
             for seq in list(self._pending):
                 if seq.cancelled or now > seq.deadline:
                     self._pending.remove(seq)
@@ -607,9 +633,14 @@ class Scheduler:
         slot.seq = None
         seq.pending_token = None
         if error is not None:
-            # Its cells are freed now, so the next request in this slot has the whole context.
-            self.runtime.seq_clear(slot.seq_id)
-            slot.clear()
+            if isinstance(error, (RequestTimeout, Cancelled, DeadlineUnreachable)) and slot.n_exact:
+                # What it read exactly stays (the reply it began goes): a classmate or the student's
+                # next try continues from it, and a slow model's case prompt is not read in vain.
+                # The slot's cells are cut back when a request takes it, so its context stays whole.
+                self._truncate(slot, slot.n_exact)
+            else:  # a failure: nothing of it is trusted
+                self.runtime.seq_clear(slot.seq_id)
+                slot.clear()
             if isinstance(error, RequestTimeout) and self.metrics is not None:
                 self.metrics.timeouts.inc()
             seq.end(error)

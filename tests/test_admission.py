@@ -28,6 +28,15 @@ def test_no_estimate_before_the_engine_has_measured_itself():
     assert est.seconds(Workload(own_read=3000, own_reply=100, ahead_read=0)) is None  # no prompt step yet
 
 
+def test_a_class_starting_with_prompts_only_is_estimated_from_its_first_prompt_step():
+    est = DeadlineEstimator()
+    est.observe_step(500, 1.0)  # no decode step measured yet: all of it counts as reading
+    assert est.row_s == pytest.approx(0.002) and est.step == pytest.approx(8 * 0.002)
+    assert est.seconds(Workload(own_read=100, own_reply=10, ahead_read=0)) == pytest.approx(0.2 + 10 * 0.016)
+    est.observe_step(0, 0.03)
+    assert est.step == 0.03
+
+
 @pytest.mark.parametrize("work,seconds", [
     (Workload(own_read=0, own_reply=20, ahead_read=0), 20 * 0.02),
     (Workload(own_read=100, own_reply=20, ahead_read=0), 100 * 0.002 + 20 * 0.02),
@@ -112,3 +121,32 @@ def test_the_client_deadline_over_http(tmp_path):
         assert r.status_code == 400 and "X-Request-Timeout" in r.get_json()["error"]
     finally:
         f.manager.close()
+
+
+def test_requests_accepted_before_the_speed_was_known_are_refused_once_it_is():
+    """Right after a start the engine has not measured itself and accepts everything. Once the
+    first prompt step is measured, what is still waiting or not yet reading and cannot make its
+    deadline gets 503 at once, not 504 at the deadline; the one reading keeps its place."""
+    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=2, n_batch=64, n_ctx=4096, reply="x" * 40,
+                                step_delay_s=0.05), cache_bytes=0, max_queue=16)
+    try:
+        started = time.perf_counter()
+        seqs = [ask(eng, f"caso {i} " * 200, 60, 1.5) for i in range(4)]  # 1,200 tokens each, 64 a step
+        ended = {}
+        while len(ended) < len(seqs) and time.perf_counter() - started < 10:
+            for i, seq in enumerate(seqs):
+                if i not in ended and seq.done.is_set():
+                    ended[i] = time.perf_counter() - started
+            time.sleep(0.005)
+        outcomes = []
+        for i, seq in enumerate(seqs):
+            try:
+                outcomes.append(seq.wait().finish_reason)
+            except DeadlineUnreachable as exc:
+                outcomes.append(("503", ended[i], int(exc.headers["Retry-After"])))
+            except Exception as exc:  # noqa: BLE001 - what else came back is the failure
+                outcomes.append(type(exc).__name__)
+        refused = [o for o in outcomes if isinstance(o, tuple)]
+        assert len(refused) >= 2 and all(t < 1.5 and retry >= 1 for _s, t, retry in refused), outcomes
+    finally:
+        eng.close()

@@ -211,14 +211,14 @@ def test_a_later_student_copies_from_a_busy_or_finished_classmate(make):
     assert again.reused_tokens > first.prompt_tokens - 8 and eng.runtime.copies == 1
 
 
-def test_a_follower_whose_leader_fails_reads_on_its_own(make):
+def test_a_follower_whose_leader_is_cancelled_reads_on_its_own(make):
     eng = make(n_parallel=2, n_batch=16, n_ctx=2048, step_delay_s=0.002)
     leader = ask(eng, CASE + "Estudiante: uno\nPaciente:")
     follower = ask(eng, CASE + "Estudiante: dos\nPaciente:")
     time.sleep(0.02)
     leader.cancel()
-    result = follower.wait()
-    assert result.text and result.reused_tokens == 0  # nothing to copy: it read the case itself
+    result = follower.wait()  # it copies what the leader had read (kept in its slot) and reads on
+    assert result.text == "Me siento bien, soy fake-a." and result.reused_tokens % 4 == 0
 
 
 def test_no_sharing_without_the_cache(make):
