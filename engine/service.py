@@ -176,7 +176,7 @@ def complete(run: Run) -> str:
 
 
 def _response_key(job: Job, model: LoadedModel) -> tuple:
-    return (str(model.path), model.adapters, job.prompt, job.params, job.cache_key)
+    return (str(model.path), model.stamp, model.adapters, job.prompt, job.params, job.cache_key)
 
 
 def stop_key(stop: Sequence[str] | None) -> tuple:
