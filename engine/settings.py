@@ -135,7 +135,8 @@ class Settings:
     prefill_chunk: int = _setting(
         "PREFILL_CHUNK", "Prompt tokens read per decode step while other requests are generating (chunked "
         "prefill): a 2,500-token case prompt then slows the others' replies instead of stopping them for seconds. "
-        "Alone, a prompt is read N_BATCH tokens at a time.", 256, minimum=8)
+        "Never more than half a second of reading at the measured speed (a slow model reads fewer). Alone, a prompt "
+        "is read N_BATCH tokens at a time.", 256, minimum=8)
     max_queue: int = _setting(
         "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
         "answers 503 with Retry-After at once.", 32, minimum=0)
