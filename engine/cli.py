@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensure.add_argument("--model-path", dest="model_path", default=None, metavar="MODEL_PATH",
                         help="folder to put it in (env MODEL_PATH)")
 
-    sub.add_parser("settings", help="print the configuration table (Markdown, as in the README)")
+    sub.add_parser("settings", help="print the configuration table (Markdown, as in docs/configuration.md)")
 
     # Converter commands (convert, quantize, verify) live in the convert package; each sets
     # `func`, called with the parsed args and returning an exit status.

@@ -1,7 +1,7 @@
 """One typed settings schema: defaults, then environment variables, then CLI flags.
 
 Every setting is a dataclass field whose metadata names its environment variable and describes
-it; the CLI flags (`--api-port` for `api_port`) and the README's configuration table are generated
+it; the CLI flags (`--api-port` for `api_port`) and the configuration table of docs/configuration.md are generated
 from the same fields, so there is one place to add a setting.
 """
 
@@ -253,7 +253,7 @@ class Settings:
 
     @classmethod
     def markdown_table(cls) -> str:
-        """The README's configuration table."""
+        """The configuration table of docs/configuration.md."""
         rows = ["| Variable | Flag | Default | Meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.metadata["default_doc"] or f"`{f.default}`"

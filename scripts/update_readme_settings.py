@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rewrite the README's configuration table from the settings schema (`ai-engine settings`)."""
+"""Rewrite the configuration table in docs/configuration.md from the settings schema (`ai-engine settings`)."""
 
 import re
 import sys
@@ -10,10 +10,10 @@ sys.path.insert(0, str(ROOT))
 
 from engine.settings import Settings  # noqa: E402
 
-readme = ROOT / "README.md"
+readme = ROOT / "docs" / "configuration.md"
 text = readme.read_text(encoding="utf-8")
 marker = "<!-- settings-table -->\n"
 new, n = re.subn(re.escape(marker) + r"(?:\|.*\n)+", lambda m: marker + Settings.markdown_table() + "\n", text)
 if n != 1:
-    raise SystemExit("README.md: no settings table after the <!-- settings-table --> marker")
+    raise SystemExit("docs/configuration.md: no settings table after the <!-- settings-table --> marker")
 readme.write_text(new, encoding="utf-8")
