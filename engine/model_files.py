@@ -82,11 +82,6 @@ def plain_name(name: str) -> str:
     return name.strip().removesuffix(":latest")
 
 
-def model_aliases(name: str) -> set[str]:
-    """The names a model file answers to (relative path, without .gguf, file name, stem)."""
-    return {name, name.removesuffix(".gguf"), Path(name).name, Path(name).stem}
-
-
 def describe_path(path: Path) -> str:
     """A short human description for start-up logs."""
     try:

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import EngineError, ModelLoadError, ModelNotReady, ModelRefused
-from engine.gguf_info import quantization_name
+from engine.errors import EngineError, ModelLoadError, ModelNotReady
 from engine.metrics import Metrics
 from engine.model_files import Adapter, ModelFiles, ModelSpec, check_gguf_file
 from engine.prompt_cache import ResponseCache
@@ -185,10 +184,6 @@ class ModelManager:
         """The default model (requests without a `model`), if it is resident."""
         with self._cond:
             return self._resident.get(self._default_key) if self._default_key else None
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self.default
 
     @property
     def ready(self) -> bool:
@@ -573,4 +568,4 @@ def _offload_planner(settings: Settings) -> Callable[[ModelSpec], tuple[int, int
     return plan
 
 
-__all__ = ["LoadForbidden", "Lease", "LoadedModel", "ModelManager", "ModelRefused", "ModelsBusy"]
+__all__ = ["LoadForbidden", "Lease", "LoadedModel", "ModelManager", "ModelsBusy"]
