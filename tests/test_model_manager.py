@@ -148,13 +148,16 @@ def test_a_model_larger_than_the_whole_budget_is_refused_at_once(fakes):
 
 
 def test_no_room_while_the_resident_model_is_busy_gives_503_with_retry_after(fakes):
-    f = fakes(max_loaded_models=1, request_timeout_s=1)
+    """MAX_LOADED_MODELS=1 and model a in use: a load of b waits for room until its deadline, then
+    gets 503 with Retry-After (here a 0.2 s deadline; over HTTP it is REQUEST_TIMEOUT_S or the
+    client's timeout_s, at least a second). a is never freed under its lease."""
+    f = fakes(max_loaded_models=1)
     busy = f.manager.acquire("a")  # a request that holds model a for the whole test
     try:
-        client = f.app().test_client()
-        r = generate(client, model="b")
-        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
-        assert "no room to load b.gguf" in r.get_json()["error"]
+        with pytest.raises(ModelsBusy) as refused:
+            f.manager.acquire("b", deadline=time.perf_counter() + 0.2)
+        assert refused.value.status == 503 and int(refused.value.headers["Retry-After"]) >= 1
+        assert "no room to load b.gguf" in refused.value.message
         assert not busy.model.engine.runtime.closed  # never freed under a lease
     finally:
         busy.release()
