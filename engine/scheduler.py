@@ -35,7 +35,7 @@ from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
 from engine.prompt_cache import CachedState, ConversationCache, common_prefix
 from engine.runtime import Runtime
-from engine.slot_policy import MIN_RESTORE_GAIN, SWA_ALIGN, Slot, SlotPolicy
+from engine.slot_policy import MIN_RESTORE_GAIN, Slot, SlotPolicy
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ class Scheduler:
         best, donor = self._best_donor(seq)
         if donor is None or best < seq.n_prompt_done + MIN_RESTORE_GAIN:
             return False
-        save = self._disk_point(best) if self.disk is not None else 0
+        save = self.policy.state_point(best) if self.disk is not None else 0
         if save and self.disk.contains(seq.tokens[:save]):
             save = 0
         rt.seq_copy(donor.seq_id, slot.seq_id)
@@ -423,18 +423,6 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.cache_hits.labels(cache="shared-prefix").inc()
         return True
-
-    def _disk_point(self, n: int) -> int:
-        """The length at which a shared prefix of `n` tokens is saved to disk (0: not saved): a
-        state past the sliding window keeps only the window, so its window starts on a multiple of
-        SWA_ALIGN (see SlotPolicy.save_length); with flash attention such a state is not saved."""
-        policy = self.policy
-        if not policy.windowed(n):
-            return n
-        if policy.flash_attn:
-            return 0
-        n -= (n - policy.n_swa) % SWA_ALIGN
-        return n if policy.windowed(n) else 0
 
     def _disk_hit(self, seq: Sequence):
         """The longest prefix of `seq`'s prompt that the disk cache holds and that it can continue

@@ -161,6 +161,16 @@ class SlotPolicy:
             return True
         return first_held <= max(0, keep - self.n_swa)
 
+    def state_point(self, n: int) -> int:
+        """The longest length up to `n` at which a saved state restores exactly: `n` itself within
+        the sliding window; past it, a length whose window starts on a multiple of SWA_ALIGN (only
+        the window's cells are saved, and restored at cell 0); 0 past it with flash attention."""
+        if not self.windowed(n):
+            return n
+        if self.flash_attn:
+            return 0
+        return n - (n - self.n_swa) % SWA_ALIGN
+
     def save_length(self, slot: Slot, keep: int, first_held: int = 0) -> int:
         """How many tokens of the slot's exact prefix go into the conversation cache before the
         slot is reused (0: none), when the slot itself keeps `keep` of them anyway. A state longer
@@ -170,10 +180,7 @@ class SlotPolicy:
         read, and the flash-attention decode kernel splits its work by the number of cells."""
         n = slot.n_exact
         if self.windowed(n - self.min_rows):
-            if self.flash_attn:
-                return 0
-            n -= self.min_rows
-            n -= (n - self.n_swa) % SWA_ALIGN
+            n = self.state_point(n - self.min_rows)
         if not self.cache_enabled or n <= keep or not self.can_resume(first_held, n):
             return 0
         return n
