@@ -128,6 +128,11 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        # A URL that matches no route never reaches the OpenAI blueprint's handler (Flask decides
+        # the blueprint by the route), so paths under /v1/ get OpenAI's error shape here.
+        if request.path.startswith("/v1/"):
+            from engine.api.openai import openai_http_error
+            return openai_http_error(exc)
         return jsonify(error=f"{exc.name}: {exc.description}"), exc.code, http_error_headers(exc)
 
     @app.errorhandler(Exception)

@@ -50,7 +50,7 @@ def serve(settings: Settings) -> int:
             model, _seconds = host.load(plan.spec)
         except EngineError as exc:
             failure.append(f"cannot start: {exc.message}")
-            server.close()  # run() returns once nothing is left to serve
+            _close_from_another_thread(server)  # run() returns once nothing is left to serve
             return
         # One plain line that people and scripts can read, whatever the log format.
         print(f"ai-engine listening on {url} with model {model.name} ({model.path})", file=sys.stderr, flush=True)
@@ -66,6 +66,21 @@ def serve(settings: Settings) -> int:
     if failure:
         raise ModelLoadError(failure[0])
     return 0
+
+
+def _close_from_another_thread(server) -> None:
+    """Close every socket of a running waitress server from a thread other than its loop's.
+
+    The closing runs in the loop thread, through waitress's own trigger (the way its channels
+    wake the loop): closing the sockets here while that thread waits in select() would make
+    select() fail with EBADF, and the engine exit with a traceback instead of its one line."""
+    from waitress import wasyncore
+    from waitress.server import BaseWSGIServer
+
+    servers = [server] if isinstance(server, BaseWSGIServer) else \
+        [s for s in server.map.values() if isinstance(s, BaseWSGIServer)]  # several listening addresses
+    socket_map = servers[0]._map
+    servers[0].trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
 
 
 def _warn_if_exposed(settings: Settings) -> None:

@@ -372,6 +372,11 @@ def test_v1_models_retrieve(fakes):
     assert "loaded" not in client.get("/v1/models/b").get_json()
     r = client.get("/v1/models/nope")
     assert r.status_code == 404 and r.get_json()["error"]["code"] == "model_not_found"
+    # A path no route matches (a newline in the id: found by the schema fuzzer) is still OpenAI's shape.
+    for path in ("/v1/models/data%3A%20%5BDONE%5D%0A%0A", "/v1/nothing-here"):
+        r = client.get(path)
+        assert r.status_code == 404 and r.get_json()["error"]["type"] == "invalid_request_error", path
+    assert isinstance(client.get("/nothing-here").get_json()["error"], str)  # the simulator's shape elsewhere
 
 
 def test_health_and_metrics_report_every_resident_model(fakes):

@@ -44,6 +44,34 @@ def test_bad_settings_are_a_clear_error(env, says):
     assert says in result.stderr
 
 
+def test_a_failed_load_closes_the_listening_server_from_the_loader_thread():
+    """The loader thread stops waitress while its loop waits in select() with a client connected:
+    run() returns (no EBADF traceback, which CI once saw), and the port no longer answers."""
+    import threading
+
+    from waitress import create_server
+
+    from engine.server import _close_from_another_thread
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "0")])
+        return []
+
+    server = create_server(app, host="127.0.0.1", port=0)
+    port = server.effective_port
+    loop = threading.Thread(target=server.run)
+    loop.start()
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert client.recv(1024).startswith(b"HTTP/1.1 200")  # now an idle keep-alive channel in the map
+        _close_from_another_thread(server)
+        loop.join(timeout=30)
+        assert not loop.is_alive()
+        assert client.recv(1) == b""  # the open connection was closed too
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 def test_port_in_use_is_a_clear_error(model_dir):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
