@@ -4,7 +4,10 @@ the cross-cutting parts: API key, CORS, body size limit, request ids, access log
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
+import re
+import socket
 import time
 import uuid
 
@@ -20,10 +23,16 @@ log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
 REQUEST_FIELDS = "ai_engine.fields"  # per-request dict in the WSGI environ: id, token counts
+# A client's X-Request-ID is kept (echoed and logged) only when it looks like an id.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 class Unauthorized(EngineError):
     status = 401
+
+
+class HostRefused(EngineError):
+    status = 400
 
 
 def create_app(settings: Settings | None = None, host: ModelManager | None = None,
@@ -56,18 +65,26 @@ def request_fields() -> dict:
 
 def _register_hooks(app: Flask, settings: Settings) -> None:
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    hosts = allowed_hosts(settings)
     host: ModelManager = app.extensions["model_host"]
     replica_id: str | None = app.extensions["replica_id"]
 
     @app.before_request
     def start_request():
         request.environ["ai_engine.started"] = time.perf_counter()
-        request_fields()["request_id"] = request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16]
+        given_id = request.headers.get("X-Request-ID", "")
+        request_fields()["request_id"] = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex[:16]
         if replica_id:
             request_fields()["replica"] = replica_id  # the access log and /generate's metadata
+        public = request.path in PUBLIC_PATHS
+        authorized = bool(settings.api_key) and _authorized(settings.api_key)
+        if hosts is not None and not public and not authorized and host_name(request.host) not in hosts:
+            # DNS rebinding: a web page whose name now points here; its requests carry its own name.
+            raise HostRefused(f"Host '{request.host[:100]}' is not one this engine answers to; add it to "
+                              "ALLOWED_HOSTS (or send the API key)")
         if request.method == "OPTIONS":
             return _preflight(origins)
-        if settings.api_key and request.path not in PUBLIC_PATHS and not _authorized(settings.api_key):
+        if settings.api_key and not public and not authorized:
             raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                                headers={"WWW-Authenticate": 'Bearer realm="ai-engine"'})
         return None
@@ -93,6 +110,38 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
 
         response.call_on_close(done)
         return response
+
+
+def allowed_hosts(settings: Settings) -> set[str] | None:
+    """The Host names ALLOWED_HOSTS accepts, lower case without port; None: any."""
+    names = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
+    if "*" in names:
+        return None
+    if names:
+        return {host_name(n) for n in names}
+    hosts = {"localhost", "127.0.0.1", "::1", host_name(settings.api_host)}
+    try:
+        wildcard = ipaddress.ip_address(settings.api_host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:  # every address of this machine: its names and what they resolve to
+        for name in {socket.gethostname(), socket.getfqdn()}:
+            hosts.add(host_name(name))
+            try:
+                hosts.update(host_name(info[4][0]) for info in socket.getaddrinfo(name, None))
+            except OSError:
+                pass
+    return hosts
+
+
+def host_name(host: str) -> str:
+    """A Host header's name, lower case, without port, brackets or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:5000
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:  # name:port (an IPv6 address without brackets has several colons)
+        host = host.split(":")[0]
+    return host.rstrip(".")
 
 
 def http_error_headers(exc: HTTPException) -> dict[str, str]:

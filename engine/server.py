@@ -10,7 +10,8 @@ import sys
 import threading
 
 from engine.app import create_app
-from engine.errors import EngineError, ModelLoadError
+from engine.errors import EngineError, ModelLoadError, SettingsError
+from engine.http_server import build_server, close_from_another_thread
 from engine.logs import configure_logging
 from engine.model_files import describe_path
 from engine.model_manager import ModelManager
@@ -25,22 +26,19 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format, settings.log_prompts)
     plan = plan_startup(settings)
     plan.check()  # the quick refusals (missing, not GGUF) before anything listens
+    check_exposure(settings)
     host = ModelManager(settings)
     app = create_app(settings, host)
-
-    from waitress import create_server
 
     threads = settings.server_threads
     if threads < settings.n_parallel + settings.max_queue + 1:
         log.warning("SERVER_THREADS=%d is below N_PARALLEL + MAX_QUEUE + 1 = %d: waitress will hold requests "
                     "before the engine's queue sees them", threads, settings.n_parallel + settings.max_queue + 1)
     try:
-        server = create_server(app, host=settings.api_host, port=settings.api_port, threads=threads,
-                               ident="ai-engine", channel_timeout=max(120, settings.request_timeout_s + 30))
+        server = build_server(app, settings)
     except OSError as exc:
         raise EngineError(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror}; "
                           "set API_PORT to a free port") from exc
-    _warn_if_exposed(settings)
     url = f"http://{settings.api_host}:{server.effective_port}"
     failure: list[str] = []
 
@@ -50,7 +48,7 @@ def serve(settings: Settings) -> int:
             model, _seconds = host.load(plan.spec)
         except EngineError as exc:
             failure.append(f"cannot start: {exc.message}")
-            _close_from_another_thread(server)  # run() returns once nothing is left to serve
+            close_from_another_thread(server)  # run() returns once nothing is left to serve
             return
         # One plain line that people and scripts can read, whatever the log format.
         print(f"ai-engine listening on {url} with model {model.name} ({model.path})", file=sys.stderr, flush=True)
@@ -68,26 +66,23 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def _close_from_another_thread(server) -> None:
-    """Close every socket of a running waitress server from a thread other than its loop's.
+def check_exposure(settings: Settings) -> None:
+    """Refuse to listen beyond loopback without an API key, unless ALLOW_NO_KEY says that nothing
+    untrusted can reach the port (then warn once)."""
+    if is_loopback(settings.api_host) or settings.api_key:
+        return
+    if not settings.allow_no_key:
+        raise SettingsError(
+            f"API_HOST={settings.api_host} lets other machines reach the engine, and no API key is set: anyone who "
+            "can reach it could run generations and read replies. Set ENGINE_API_KEY or ENGINE_API_KEY_FILE; or "
+            "ALLOW_NO_KEY=1 where only trusted machines can reach the port (a private Docker network, a port "
+            "published on 127.0.0.1); or API_HOST=127.0.0.1", field="API_HOST")
+    log.warning("listening on %s without an API key (ALLOW_NO_KEY): anyone who can reach this address can use "
+                "the engine and read its replies", settings.api_host)
 
-    The closing runs in the loop thread, through waitress's own trigger (the way its channels
-    wake the loop): closing the sockets here while that thread waits in select() would make
-    select() fail with EBADF, and the engine exit with a traceback instead of its one line."""
-    from waitress import wasyncore
-    from waitress.server import BaseWSGIServer
 
-    servers = [server] if isinstance(server, BaseWSGIServer) else \
-        [s for s in server.map.values() if isinstance(s, BaseWSGIServer)]  # several listening addresses
-    socket_map = servers[0]._map
-    servers[0].trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
-
-
-def _warn_if_exposed(settings: Settings) -> None:
+def is_loopback(address: str) -> bool:
     try:
-        loopback = ipaddress.ip_address(settings.api_host).is_loopback
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
     except ValueError:
-        loopback = settings.api_host == "localhost"
-    if not loopback and not settings.api_key:
-        log.warning("listening on %s without ENGINE_API_KEY: anyone who can reach this address can use the "
-                    "engine and read its replies; set ENGINE_API_KEY", settings.api_host)
+        return address.lower() == "localhost"

@@ -18,6 +18,9 @@ from engine.logs import log_prompt
 from engine.model_manager import Lease, LoadedModel, ModelManager
 
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
 def _request_fields() -> dict:
     if not has_request_context():
         return {}
@@ -99,6 +102,13 @@ class Run:
             self.close()
             return self._cached()
         try:
+            client_gone = request.environ.get("waitress.client_disconnected") if has_request_context() else None
+            if client_gone is not None:
+                # A client that left stops its generation within a second (the reply has no reader);
+                # it then ends as Cancelled (499 in the access log).
+                while not self.seq.done.wait(DISCONNECT_POLL_S):
+                    if client_gone():
+                        self.seq.cancel()
             self.seq.wait()
         finally:
             self.close()

@@ -164,6 +164,21 @@ class Settings:
     api_key: str = _setting(
         "ENGINE_API_KEY", "If set, every route but /health and /openapi.json needs it "
         "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).", "", default_doc="empty (no key)")
+    api_key_file: str = _setting(
+        "ENGINE_API_KEY_FILE", "File that holds the API key (a Docker or Kubernetes secret), so that the key is "
+        "in neither the environment nor `ps` output. Surrounding whitespace is ignored. Setting both this and "
+        "ENGINE_API_KEY is an error.", "", default_doc="empty")
+    allow_no_key: bool = _setting(
+        "ALLOW_NO_KEY", "Start on an address other than loopback without an API key. Without it such a start is "
+        "refused: anyone who can reach the address could run generations and read replies. Set it only where "
+        "nothing untrusted can reach the port (a private Docker network, a port published on 127.0.0.1).",
+        False, default_doc="`off`")
+    allowed_hosts: str = _setting(
+        "ALLOWED_HOSTS", "Host header values accepted, comma-separated (names or addresses; a port is ignored; "
+        "`*` for any). Other requests get 400, so that a web page cannot read replies through DNS rebinding. A "
+        "request with a valid API key, and /health, are always accepted. Empty: localhost, 127.0.0.1, ::1 and "
+        "API_HOST; when API_HOST is 0.0.0.0 or ::, also this machine's host names and addresses.", "",
+        default_doc="empty (localhost names and the bind address)")
     cors_origins: str = _setting(
         "CORS_ORIGINS", "Comma-separated browser origins allowed to call the engine (`*` for any, "
         "empty for none).", "http://localhost:3000,http://127.0.0.1:3000,http://localhost:5173,"
@@ -175,6 +190,19 @@ class Settings:
     log_prompts: str = _setting(
         "ENGINE_LOG_PROMPTS", "Path of a rotating JSON-lines file where every prompt and reply is kept "
         "for later review. Contains sensitive data; off when empty.", "", default_doc="empty (off)")
+    connection_limit: int = _setting(
+        "CONNECTION_LIMIT", "Open HTTP connections at once; further ones wait in the kernel's backlog until one "
+        "closes.", 256, minimum=8)
+    client_connection_limit: int = _setting(
+        "CLIENT_CONNECTION_LIMIT", "Open HTTP connections from one client address; further ones are closed at "
+        "once, so that one machine cannot hold them all. A backend serving a class keeps one per student "
+        "at most.", 64, minimum=1)
+    read_timeout_s: int = _setting(
+        "READ_TIMEOUT_S", "Seconds a client may take to send one request (headers and body); a slower one is "
+        "disconnected, so that a trickling client cannot hold a connection.", 10, minimum=1)
+    idle_timeout_s: int = _setting(
+        "IDLE_TIMEOUT_S", "Seconds an idle keep-alive connection stays open (a request being answered is never "
+        "idle).", 30, minimum=1)
     server_threads: int = _setting(
         "SERVER_THREADS", "HTTP worker threads: requests being generated, queued or streamed at once "
         "(keep it above N_PARALLEL + MAX_QUEUE to let the queue fill).", 48, minimum=1)
@@ -215,6 +243,13 @@ class Settings:
             parse_duration(self.keep_alive)
         except ValueError as exc:
             raise SettingsError(f"KEEP_ALIVE: {exc}", field="KEEP_ALIVE") from None
+        if self.api_key and self.api_key_file:
+            raise SettingsError("set ENGINE_API_KEY or ENGINE_API_KEY_FILE, not both", field="ENGINE_API_KEY_FILE")
+        if self.api_key_file:
+            object.__setattr__(self, "api_key", _read_key_file(self.api_key_file))
+        if self.client_connection_limit > self.connection_limit:
+            raise SettingsError(f"CLIENT_CONNECTION_LIMIT ({self.client_connection_limit}) must not exceed "
+                                f"CONNECTION_LIMIT ({self.connection_limit})", field="CLIENT_CONNECTION_LIMIT")
         if self.log_format not in ("json", "text"):
             raise SettingsError(f"LOG_FORMAT must be json or text, got {self.log_format!r}", field="LOG_FORMAT")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -282,6 +317,19 @@ def parse_duration(value: Any) -> float:
     sign, body = -1.0 if match.group(1) == "-" else 1.0, match.group(2)
     parts = _DURATION_PART.findall(body)
     return sign * (sum(float(n) * _DURATION_UNITS[u] for n, u in parts) if parts else float(body))
+
+
+def _read_key_file(path: str) -> str:
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise SettingsError(f"ENGINE_API_KEY_FILE {path}: cannot read it ({reason})",
+                            field="ENGINE_API_KEY_FILE") from None
+    if not key or any(c.isspace() or not c.isprintable() for c in key):
+        raise SettingsError(f"ENGINE_API_KEY_FILE {path} must hold one key: printable characters, no spaces",
+                            field="ENGINE_API_KEY_FILE")
+    return key
 
 
 def _flag(name: str) -> str:

@@ -149,6 +149,29 @@ def test_streaming_disconnect_stops_generation(limited):
     assert after.json()["metadata"]["ttft_ms"] < baseline * 3 + 300
 
 
+def test_a_non_streaming_request_whose_client_left_stops(limited):
+    """The backend gave up (its 30 s timeout) and closed the connection: the generation stops
+    within about a second instead of running to max_length, and the access log says 499."""
+    import socket
+
+    before = metric(limited, "ai_engine_generated_tokens_total")
+    body = json.dumps(LONG).encode()
+    host, port = limited.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"X-Request-ID: client-gone-1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        while metric(limited, "ai_engine_generated_tokens_total") < before + 10:
+            time.sleep(0.2)  # generating
+    for _ in range(300):  # until the slot is free (a 1,500-token reply takes minutes here)
+        if requests.get(limited.url + "/health", timeout=10).json()["active"] == 0:
+            break
+        time.sleep(0.2)
+    generated = metric(limited, "ai_engine_generated_tokens_total") - before
+    assert generated < LONG["max_length"] / 2, generated
+    lines = [json.loads(line) for line in limited.log().splitlines() if "client-gone-1" in line]
+    assert [line["status"] for line in lines if "status" in line] == [499], lines
+
+
 def render_case_prompt_like() -> str:
     from tests.conftest import load_cases
 

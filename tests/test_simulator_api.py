@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -176,14 +177,45 @@ def test_bad_bodies_are_400_naming_the_field(server, body, field):
     ('{"prompt": "Hola"', "application/json"),
     ('["prompt"]', "application/json"),
     ('"Hola"', "application/json"),
-    ("prompt=Hola", "application/x-www-form-urlencoded"),
     ("", "application/json"),
+    ('{"prompt": "Hola", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "application/json"),  # RecursionError
+    ('{"prompt": "Hola", "x": ' + "[" * 40 + "]" * 40 + "}", "application/json"),
+    ('{"prompt": "Hola \\ud800", "max_length": 3}', "application/json"),  # a lone surrogate escape
+    ('{"prompt": "Hola", "\\udfff": 1}', "application/json"),
+    (b'{"prompt": "Hola \xff\xfe"}', "application/json"),  # not UTF-8
 ])
 def test_non_json_bodies_are_400(server, data, content_type):
     r = requests.post(server.url + "/generate", data=data, headers={"Content-Type": content_type}, timeout=30)
-    assert r.status_code == 400
-    assert "JSON" in r.json()["error"]
+    assert r.status_code == 400, r.text
+    assert "JSON" in r.json()["error"] or "surrogate" in r.json()["error"]
     assert_healthy(server)
+
+
+@pytest.mark.parametrize("path", ["/generate", "/api/generate", "/api/chat", "/v1/chat/completions", "/load-model"])
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; "
+                                          "boundary=x", None])
+def test_a_body_not_sent_as_json_is_415(server, path, content_type):
+    """A web page can POST text/plain, a form or a body without type cross-site with no CORS
+    preflight; the engine does not read those as JSON (it once did, like Ollama)."""
+    body = json.dumps({"prompt": "Hola", "model": DEFAULT_MODEL, "max_length": 3,
+                       "messages": [{"role": "user", "content": "Hola"}], "model_name": DEFAULT_MODEL}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    r = requests.post(server.url + path, data=body, headers=headers, timeout=30)
+    assert r.status_code == 415, r.text
+    assert "application/json" in json.dumps(r.json())
+    ok = requests.post(server.url + "/generate", data=body, headers={"Content-Type": "application/json; charset=utf-8"},
+                       timeout=60)
+    assert ok.status_code == 200, ok.text
+    assert_healthy(server)
+
+
+def test_a_request_id_is_kept_only_when_it_looks_like_one(server):
+    r = requests.get(server.url + "/models", headers={"X-Request-ID": "abc-123.4:5_6"}, timeout=30)
+    assert r.headers["X-Request-ID"] == "abc-123.4:5_6"
+    for hostile in ("x" * 8000, "a b", "<script>", "é"):
+        r = requests.get(server.url + "/models", headers={"X-Request-ID": hostile.encode("utf-8", "replace")}, timeout=30)
+        assert r.status_code == 200 and len(r.headers["X-Request-ID"]) == 16 and r.headers["X-Request-ID"] != hostile
+    assert "x" * 200 not in server.log()
 
 
 def test_prompt_longer_than_context_is_refused_with_both_counts(server):

@@ -51,7 +51,7 @@ def test_a_failed_load_closes_the_listening_server_from_the_loader_thread():
 
     from waitress import create_server
 
-    from engine.server import _close_from_another_thread
+    from engine.http_server import close_from_another_thread
 
     def app(environ, start_response):
         start_response("200 OK", [("Content-Length", "0")])
@@ -64,7 +64,7 @@ def test_a_failed_load_closes_the_listening_server_from_the_loader_thread():
     with socket.create_connection(("127.0.0.1", port)) as client:
         client.sendall(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
         assert client.recv(1024).startswith(b"HTTP/1.1 200")  # now an idle keep-alive channel in the map
-        _close_from_another_thread(server)
+        close_from_another_thread(server)
         loop.join(timeout=30)
         assert not loop.is_alive()
         assert client.recv(1) == b""  # the open connection was closed too
