@@ -1,8 +1,11 @@
 # ai-engine on CPU: the engine, llama-cpp-python built for portable x86-64 CPUs, and the embedded
 # default model. For a CUDA GPU use Dockerfile.cuda (or the compose file's `ai-engine` service).
 #   docker build -t ai-engine:cpu .
-#   docker run --rm -p 5000:5000 ai-engine:cpu
-#   docker run --rm -p 5000:5000 -v "$PWD/models:/models" -e MODEL=my-model.gguf ai-engine:cpu
+#   docker run --rm -p 127.0.0.1:5000:5000 -e ALLOW_NO_KEY=1 ai-engine:cpu
+#   docker run --rm -p 5000:5000 -v "$PWD/models:/models" -v "$PWD/key:/run/secrets/key:ro" \
+#     -e ENGINE_API_KEY_FILE=/run/secrets/key -e MODEL=my-model.gguf ai-engine:cpu
+# Listening on 0.0.0.0 inside the container, the engine refuses to start without a key unless
+# ALLOW_NO_KEY=1 says that the port is published on loopback only (docs/security.md).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

@@ -107,4 +107,12 @@ def test_compose_service():
     assert env["MODEL_PATH"] == "/models" and str(env["API_PORT"]) == "5000"
     assert (REPO_ROOT / service["build"]["dockerfile"]).is_file()
     assert any(str(port).endswith(":5000") for port in service["ports"])
+    # Published on loopback unless told otherwise; the backend (no key) reaches it by service name.
+    assert all(str(port).startswith("${AI_ENGINE_BIND:-127.0.0.1}:") for port in service["ports"])
+    assert "ENGINE_API_KEY" in env and "ALLOW_NO_KEY" in env
+    from engine.app import allowed_hosts
+    from engine.settings import Settings
+
+    hosts = re.fullmatch(r"\$\{AI_ENGINE_ALLOWED_HOSTS:-(.*)\}", env["ALLOWED_HOSTS"]).group(1)
+    assert "ai-engine" in allowed_hosts(Settings.load({"ALLOWED_HOSTS": hosts, "API_HOST": "0.0.0.0"}))
     assert any(str(volume).endswith(":/models") for volume in service["volumes"])
