@@ -119,6 +119,7 @@ ERROR_REASONS = {
     "401": "ENGINE_API_KEY is set and the request has no valid key.",
     "404": "The model (or file) named is not under MODEL_PATH.",
     "413": "The request body is larger than MAX_BODY_BYTES.",
+    "415": "The body was not sent as `Content-Type: application/json`.",
     "403": "The model is not loaded and LOAD_ON_REQUEST is off.",
     "422": "llama.cpp could not load the model file (truncated, unsupported); the current model stays.",
     "500": "A server fault (e.g. the model's chat template is broken).",
@@ -142,12 +143,11 @@ def _json(schema: Schema, description: str, headers: dict | None = None) -> dict
 
 
 def _errors(*statuses: int, shape: str = "Error") -> dict:
-    """Error responses of a route: `{"error": "..."}` (or OpenAI's shape on /v1). A body over
-    MAX_BODY_BYTES is Werkzeug's own HTTP error, answered by the app-wide handler, so 413 is
-    `Error` on every surface."""
+    """Error responses of a route: `{"error": "..."}` (or OpenAI's shape on /v1, also for the
+    refusals that waitress makes before the app runs, such as 413)."""
     out = {}
     for status in map(str, statuses):
-        ref = _ref("Error" if status == "413" else shape)
+        ref = _ref(shape)
         out[status] = _json(ref, ERROR_REASONS[status], ERROR_HEADERS.get(status))
     return out
 
@@ -174,7 +174,7 @@ def _body(schema: Schema) -> dict:
 
 
 # Statuses every generating route can answer beside its own: key, body size, queue, deadline.
-GENERATION_ERRORS = (400, 401, 403, 404, 413, 422, 503, 504)
+GENERATION_ERRORS = (400, 401, 403, 404, 413, 415, 422, 503, 504)
 
 
 def _keep_alive() -> Schema:
@@ -334,7 +334,7 @@ def _simulator_paths() -> dict:
                        "model; on any failure the current default stays.",
             "requestBody": _body(_ref("LoadModelRequest")),
             "responses": {**_ok(_ref("LoadModelReply"), "Loaded."),
-                          **_errors(400, 401, 404, 413, 422, 503)}}},
+                          **_errors(400, 401, 404, 413, 415, 422, 503)}}},
     }
 
 
@@ -475,7 +475,7 @@ def _ollama_paths() -> dict:
             "tags": ["ollama"], "operationId": "ollamaShow",
             "summary": "Details, metadata, template and default parameters of one model.",
             "requestBody": _body(_ref("OllamaShowRequest")),
-            "responses": {**_ok(_ref("OllamaShowReply"), "The model."), **_errors(400, 401, 404, 413)}}},
+            "responses": {**_ok(_ref("OllamaShowReply"), "The model."), **_errors(400, 401, 404, 413, 415)}}},
         "/api/version": {"get": {
             "tags": ["ollama"], "operationId": "ollamaVersion", "summary": "ai-engine's version.",
             "responses": {**_ok(_ref("OllamaVersion"), "The version."), **_errors(401)}}},
