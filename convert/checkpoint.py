@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
+import reprlib
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 # safetensors dtype names → numpy dtypes as stored on disk (bf16 is read as its raw 16 bits).
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _PAGE = mmap.PAGESIZE
+_MAX_HEADER = 100 << 20
+_MAX_INT64 = 2**63 - 1
 
 
 class TensorSource(Protocol):
@@ -44,29 +48,126 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def short_repr(value: Any) -> str:
+    """A header value for an error message, cut short: a hostile header can hold anything."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring = 2, 6, 4, 40
+    return short.repr(value)
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative integer that numpy, GGUF and llama.cpp can hold (int64); JSON true is not one."""
+    return type(value) is int and 0 <= value <= _MAX_INT64
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors header, checked: offsets are relative to the data section."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _check_entry(path: Path, name: str, info: Any, data_len: int) -> _Entry:
+    """Every size one header entry declares, checked against itself and the file's length.
+
+    Python integers throughout: numpy's int64 product of a shape like [2**62, 4] wraps to 0 and
+    would match an empty byte range.
+    """
+    where = f"{path.name}: tensor {name}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: its header entry is not a JSON object")
+    dtype = info.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where} has dtype {short_repr(dtype)}; only F32, F16 and BF16 "
+                              "weights can be converted")
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets) or offsets[0] > offsets[1]):
+        raise CheckpointError(f"{where} has data_offsets {short_repr(offsets)}; expected [begin, end] "
+                              "with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+        raise CheckpointError(f"{path.name} is truncated: tensor {name} ends {end} bytes into the "
+                              f"data, past the end of the {data_len} bytes there; download it again")
+    shape = info.get("shape")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise CheckpointError(f"{where} has shape {short_repr(shape)}; dimensions must be "
+                              "non-negative integers")
+    expected = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{where} is {end - begin} bytes, expected {expected} for shape "
+                              f"{shape} of {dtype}")
+    return _Entry(dtype, tuple(shape), begin, end)
+
+
+def _check_layout(path: Path, entries: dict[str, _Entry], data_len: int) -> None:
+    """Tensors tile the data section exactly: no overlaps, no gaps, nothing after the last one.
+
+    The safetensors format requires it (and its own library refuses other files); bytes that
+    belong to two tensors, or to none, mean a corrupted or deliberately crafted file.
+    """
+    pos, prev = 0, None
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin < pos:
+            raise CheckpointError(f"{path.name}: tensor {name} (bytes {e.begin}-{e.end}) overlaps "
+                                  f"tensor {prev} (which ends at byte {pos})")
+        if e.begin > pos:
+            raise CheckpointError(f"{path.name}: tensor {name} starts at byte {e.begin}, leaving a "
+                                  f"gap of {e.begin - pos} bytes after "
+                                  f"{f'tensor {prev}' if prev else 'the header'}; a safetensors "
+                                  "file has no unused bytes")
+        pos, prev = e.end, name
+    if pos != data_len:
+        raise CheckpointError(f"{path} has {data_len - pos} bytes after its last tensor; a "
+                              "safetensors file holds nothing else (corrupted or crafted)")
+
+
+def _read_header(path: Path) -> tuple[int, int, dict[str, Any]]:
+    """(data start, file size, header without __metadata__); the header's length is checked
+    against the file before it is read."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path} is not a safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: header length {n} is larger than the file "
+                                      f"({size} bytes); it is truncated or not a safetensors file")
+            if n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {n} is implausible (over 100 MB)")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    return 8 + n, size, header
+
+
 @dataclass
 class _SafetensorsFile:
     path: Path
     data_start: int
-    header: dict[str, Any]
+    entries: dict[str, _Entry]
     _mm: mmap.mmap | None = None
 
     @classmethod
     def open(cls, path: Path) -> "_SafetensorsFile":
-        try:
-            with path.open("rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if n > 100 << 20:
-                    raise ValueError(f"header length {n} is implausible")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
-        header.pop("__metadata__", None)
-        end = max((info["data_offsets"][1] for info in header.values()), default=0)
-        if path.stat().st_size < 8 + n + end:
-            raise CheckpointError(f"{path} is truncated ({path.stat().st_size} bytes, its header "
-                                  f"describes {8 + n + end}); download it again")
-        return cls(path, 8 + n, header)
+        """Read and check the header: every size in it fits the file before any tensor is read."""
+        data_start, size, header = _read_header(path)
+        data_len = size - data_start
+        entries = {name: _check_entry(path, name, info, data_len) for name, info in header.items()}
+        _check_layout(path, entries, data_len)
+        return cls(path, data_start, entries)
+
+    def tensors(self) -> dict[str, "SafetensorsTensor"]:
+        return {name: SafetensorsTensor(name, e.shape, e.dtype, self, self.data_start + e.begin,
+                                        self.data_start + e.end) for name, e in self.entries.items()}
 
     def mm(self) -> mmap.mmap:
         if self._mm is None:
@@ -102,10 +203,10 @@ class SafetensorsTensor:
         """Rows [start, stop) as a new float32 array (the whole tensor by default)."""
         itemsize = np.dtype(self._np_dtype).itemsize
         if len(self.shape) <= 1:
-            offset, count, shape = self.begin, int(np.prod(self.shape)), self.shape
+            offset, count, shape = self.begin, math.prod(self.shape), self.shape
         else:
             stop = self.shape[0] if stop is None else min(stop, self.shape[0])
-            row = int(np.prod(self.shape[1:]))
+            row = math.prod(self.shape[1:])
             offset, count = self.begin + start * row * itemsize, (stop - start) * row
             shape = (stop - start, *self.shape[1:])
         raw = np.frombuffer(self.file.mm(), dtype=self._np_dtype, count=count, offset=offset)
@@ -204,23 +305,15 @@ class Checkpoint:
 
     def _index_safetensors(self, paths: list[Path]) -> dict[str, TensorSource]:
         tensors: dict[str, TensorSource] = {}
+        file_of: dict[str, str] = {}
         for path in paths:
             sf = _SafetensorsFile.open(path)
             self._files.append(sf)
-            for name, info in sf.header.items():
-                dtype = info.get("dtype")
-                if dtype not in _SAFETENSORS_DTYPES:
-                    raise CheckpointError(
-                        f"{path.name}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 "
-                        "weights can be converted")
-                begin, end = info["data_offsets"]
-                shape = tuple(int(d) for d in info["shape"])
-                expected = int(np.prod(shape)) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
-                if end - begin != expected:
-                    raise CheckpointError(f"{path.name}: tensor {name} is {end - begin} bytes, "
-                                          f"expected {expected} for shape {shape}")
-                tensors[name] = SafetensorsTensor(name, shape, dtype, sf, sf.data_start + begin,
-                                                  sf.data_start + end)
+            for name, t in sf.tensors().items():
+                if name in tensors:
+                    raise CheckpointError(f"{self.folder}: tensor {name} is in both "
+                                          f"{file_of[name]} and {path.name}")
+                tensors[name], file_of[name] = t, path.name
         return tensors
 
     def _load_torch_bins(self, paths: list[Path]) -> dict[str, TensorSource]:

@@ -4,6 +4,11 @@ Downloads go through `huggingface_hub.snapshot_download`, limited to the files a
 (config, tokenizer, safetensors; pytorch_model.bin only when there are no safetensors and torch is
 installed). huggingface_hub itself honours HF_HOME (cache location), HF_TOKEN (gated and private
 repos) and HF_HUB_OFFLINE=1 (use the cache only), and draws the progress bars.
+
+This module writes no temporary files of its own; huggingface_hub writes each download to
+`blobs/<etag>.<8 random hex>.incomplete` (opened without O_EXCL) and links `snapshots/` to the
+blobs, and a file already in place is trusted as downloaded. So a cache folder, or the repo's
+folder in it, that every user can write is refused: anyone could plant links or weights there.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import stat
 from pathlib import Path
 
 from convert.errors import CheckpointError
@@ -43,14 +49,28 @@ def resolve_source(src: str, revision: str | None = None) -> SourceInfo:
     return SourceInfo(download(src, revision), repo_id=src, revision=revision)
 
 
+def refuse_world_writable_cache(cache: Path, repo_id: str) -> None:
+    """Refuse a hub cache, or this repo's folder in it, that every user may write."""
+    for folder in (cache, cache / ("models--" + repo_id.replace("/", "--"))):
+        try:
+            mode = folder.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & stat.S_IWOTH:
+            raise CheckpointError(f"the Hugging Face cache folder {folder} is writable by other users, "
+                                  "who could plant files or links where downloads land; set HF_HOME "
+                                  "to a folder of your own (or chmod o-w it)")
+
+
 def download(repo_id: str, revision: str | None = None) -> Path:
     """Fetch (or find in the cache) the files a conversion needs; returns the snapshot folder."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
         from huggingface_hub import errors as hf_errors
     except ImportError:
         raise CheckpointError("downloading from the hub needs huggingface-hub: "
                               "pip install 'ai-engine[convert]' (or pip install huggingface-hub)") from None
+    refuse_world_writable_cache(Path(constants.HF_HUB_CACHE), repo_id)
     log.info("fetching %s%s from the Hugging Face hub", repo_id, f"@{revision}" if revision else "")
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, ignore_patterns=IGNORED,

@@ -30,7 +30,7 @@ import numpy as np
 
 from convert import CONVERTER_VERSION
 from convert.arch import OutTensor, architecture_for
-from convert.checkpoint import Checkpoint, SafetensorsTensor, TensorSource, _SafetensorsFile
+from convert.checkpoint import Checkpoint, TensorSource, _SafetensorsFile
 from convert.errors import CheckpointError, ConvertError
 from convert.output import atomic_output, write_sidecars
 from convert.pipeline import OUTTYPES, _StreamedTensor, nbytes, tensor_type
@@ -83,9 +83,28 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         raise LoraError(f"{path}: fan_in_fan_out=true (Conv1D layers) is not supported")
     if config.get("alpha_pattern"):
         raise LoraError(f"{path}: per-module alpha_pattern is not supported; a GGUF adapter has one alpha")
-    if not isinstance(config.get("lora_alpha"), (int, float)) or not config.get("r"):
-        raise CheckpointError(f"{path} lacks 'r' or 'lora_alpha'")
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()]
+    if not isinstance(config.get("lora_alpha"), (int, float)) or not all(
+            type(r) is int and r > 0 for r in ranks):
+        raise CheckpointError(f"{path} lacks 'r' or 'lora_alpha' (r and rank_pattern's ranks "
+                              "must be positive integers)")
     return config
+
+
+def _check_ranks(pairs: dict[str, dict[str, TensorSource]], config: dict[str, Any]) -> None:
+    """Every pair's rank is one adapter_config.json declares (r, or a rank of its rank_pattern).
+
+    PEFT scales a pair by alpha over its configured rank, llama.cpp by alpha over the pair's
+    actual rank: a pair of any other rank would be applied with the wrong scale.
+    """
+    pattern = sorted(set((config.get("rank_pattern") or {}).values()))
+    allowed = {config["r"], *pattern}
+    for module, ab in pairs.items():
+        rank = ab["A"].shape[0]
+        if rank not in allowed:
+            also = f" (or {pattern} in rank_pattern)" if pattern else ""
+            raise LoraError(f"adapter module {module}: lora_A has rank {rank} but "
+                            f"adapter_config.json says r={config['r']}{also}")
 
 
 def gguf_alpha(config: dict[str, Any]) -> float:
@@ -104,6 +123,7 @@ def gguf_alpha(config: dict[str, Any]) -> float:
 
 
 def _adapter_tensors(folder: Path, files: list[_SafetensorsFile]) -> dict[str, TensorSource]:
+    """The adapter's tensors; every size in its header is checked against the file first."""
     path = folder / ADAPTER_WEIGHTS
     if not path.is_file():
         hint = " (adapter_model.bin: save it again with safe_serialization=True)" \
@@ -112,13 +132,10 @@ def _adapter_tensors(folder: Path, files: list[_SafetensorsFile]) -> dict[str, T
     sf = _SafetensorsFile.open(path)
     files.append(sf)
     out: dict[str, TensorSource] = {}
-    for name, info in sf.header.items():
-        if info.get("dtype") not in ("F32", "F16", "BF16"):
-            raise CheckpointError(f"{path.name}: tensor {name} has dtype {info.get('dtype')}")
-        begin, end = info["data_offsets"]
-        shape = tuple(int(d) for d in info["shape"])
-        out[name] = SafetensorsTensor(name, shape, info["dtype"], sf, sf.data_start + begin,
-                                      sf.data_start + end)
+    for name, t in sf.tensors().items():
+        if t.dtype not in ("F32", "F16", "BF16"):
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {t.dtype}")
+        out[name] = t
     return out
 
 
@@ -237,6 +254,7 @@ def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f
             adapter_tensors = _adapter_tensors(adapter_dir, files)
             _drop_base_copies(adapter_tensors, ckpt.tensors)
             pairs = _pairs(adapter_tensors)
+            _check_ranks(pairs, config)
             # The whole base plan: it validates the base and carries each weight's name and transform.
             tensors = lora_plan(arch.tensor_plan(), arch.name_map, arch.n_layers, pairs, arch.hf_name)
             w = gguf.GGUFWriter(path=None, arch=arch.gguf_name)

@@ -8,6 +8,7 @@ pages released before the next one. Peak memory is a chunk or one permuted tenso
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ def tensor_type(t: OutTensor, wanted: Q) -> Q:
 
 def nbytes(shape: tuple[int, ...], qtype: Q) -> int:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    return int(np.prod(shape)) // block * size
+    return math.prod(shape) // block * size
 
 
 def encode(values: np.ndarray, qtype: Q) -> np.ndarray:
@@ -96,11 +97,11 @@ def convert(source: SourceInfo, out: Path, outtype: str = "f16", *, name: str | 
         arch = architecture_for(ckpt)
         tensors = arch.tensor_plan()
         embd = next(t for t in tensors if t.name == "token_embd.weight")
-        vocab = load_vocab(source.folder)
+        vocab = load_vocab(source.folder, rows=embd.shape[0])
         vocab.pad_to(embd.shape[0])
 
         w = gguf.GGUFWriter(path=None, arch=arch.gguf_name)
-        n_params = sum(int(np.prod(t.shape)) for t in tensors)
+        n_params = sum(math.prod(t.shape) for t in tensors)
         model_name = add_general(w, source, n_params, name=name, license=license)
         arch.add_hparams(w)
         w.add_file_type(file_type)

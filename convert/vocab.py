@@ -26,6 +26,7 @@ from typing import Any
 import gguf
 
 from convert import pretokenizers
+from convert.checkpoint import short_repr
 from convert.errors import TokenizerError
 from convert.special import SpecialTokens, load_special, read_json
 
@@ -80,23 +81,42 @@ class Vocab:
             self.special.add_to(w)
 
 
-def load_vocab(folder: Path) -> Vocab:
-    """Read the checkpoint's tokenizer files (tokenizer.model first, then tokenizer.json)."""
+def load_vocab(folder: Path, rows: int | None = None) -> Vocab:
+    """Read the checkpoint's tokenizer files (tokenizer.model first, then tokenizer.json).
+
+    `rows`, the embedding matrix's row count, bounds every token id the files declare; it is
+    checked before any table is sized by an id.
+    """
     vocab: Vocab | None = None
     spm_path, json_path = folder / "tokenizer.model", folder / "tokenizer.json"
     tokenizer_json = read_json(json_path)  # parsed once: it can be tens of megabytes
+    added = _added_tokens(folder, tokenizer_json)
+    if rows is not None:
+        _check_ids(tokenizer_json, added, rows)
     if spm_path.is_file():
         vocab = _from_sentencepiece(spm_path, fallback=tokenizer_json is not None)
     if vocab is None and tokenizer_json is not None:
         vocab = _from_tokenizer_json(tokenizer_json)
     if vocab is None:
         raise TokenizerError(f"{folder} has no tokenizer (tokenizer.model or tokenizer.json)")
-    _apply_added_tokens(vocab, _added_tokens(folder, tokenizer_json))
+    _apply_added_tokens(vocab, added)
     vocab.special = load_special(folder, vocab.tokens, tokenizer_json,
                                  sentencepiece=vocab.source == "tokenizer.model")
     log.info("vocabulary: %d tokens from %s (%s, pre-tokenizer %s)", len(vocab.tokens), vocab.source,
              vocab.model, vocab.pre)
     return vocab
+
+
+def _check_ids(tokenizer_json: dict[str, Any] | None, added: list[tuple[int, str, bool]],
+               rows: int) -> None:
+    """Every id in the tokenizer files names a row of the embedding matrix (a hostile id of 10^12
+    would otherwise size a table of 10^12 entries)."""
+    model = (tokenizer_json or {}).get("model") or {}
+    vocab_ids = model.get("vocab").values() if isinstance(model.get("vocab"), dict) else []
+    for i in (*vocab_ids, *(a[0] for a in added)):
+        if type(i) is not int or not 0 <= i < rows:
+            raise TokenizerError(f"the tokenizer files declare token id {short_repr(i)}, but the "
+                                 f"embedding matrix has {rows} rows (ids 0 to {rows - 1})")
 
 
 # --- SentencePiece tokenizer.model -----------------------------------------------------------
@@ -275,12 +295,15 @@ def _added_tokens(folder: Path, tokenizer_json: dict[str, Any] | None) -> list[t
     """(id, content, special) for every added token, from tokenizer.json or tokenizer_config.json."""
     found: dict[int, tuple[str, bool]] = {}
     config = read_json(folder / "tokenizer_config.json") or {}
-    for key, entry in (config.get("added_tokens_decoder") or {}).items():
-        found[int(key)] = (entry["content"], bool(entry.get("special")))
-    for entry in (tokenizer_json or {}).get("added_tokens") or []:
-        found[int(entry["id"])] = (entry["content"], bool(entry.get("special")))
-    for content, i in (read_json(folder / "added_tokens.json") or {}).items():
-        found.setdefault(int(i), (content, False))
+    try:
+        for key, entry in (config.get("added_tokens_decoder") or {}).items():
+            found[int(key)] = (entry["content"], bool(entry.get("special")))
+        for entry in (tokenizer_json or {}).get("added_tokens") or []:
+            found[int(entry["id"])] = (entry["content"], bool(entry.get("special")))
+        for content, i in (read_json(folder / "added_tokens.json") or {}).items():
+            found.setdefault(int(i), (content, False))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TokenizerError(f"{folder}: an added token is malformed ({short_repr(exc)})") from None
     return sorted((i, c, s) for i, (c, s) in found.items())
 
 

@@ -121,3 +121,42 @@ def test_sidecars_describe_the_file(tmp_path):
     assert meta["general.file_type"] == 7  # MOSTLY_Q8_0
     assert sorted(os.listdir(out.parent)) == ["tiny-q8_0.gguf", "tiny-q8_0.gguf.manifest.json",
                                               "tiny-q8_0.gguf.sha256"]
+
+
+# --- temporary and final names that someone else prepared ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return numpy_llama(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def test_links_planted_at_temporary_names_are_not_followed(tiny, tmp_path):
+    """Temporaries are created exclusively under unpredictable names, so a planted link is never opened."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    # `.NAME.PID.partial` was the whole temporary name once: anyone able to write the folder could
+    # guess it and point it at a file of the user's.
+    for name in ("model.gguf", "model.gguf.sha256", "model.gguf.manifest.json"):
+        (out_dir / f".{name}.{os.getpid()}.partial").symlink_to(victim)
+    assert main(["convert", str(tiny), "-o", str(out_dir / "model.gguf"), "--outtype", "f32"]) == 0
+    assert victim.read_text() == "keep me"
+    out = out_dir / "model.gguf"
+    assert not out.is_symlink() and out.read_bytes()[:4] == b"GGUF"
+    assert (out_dir / "model.gguf.sha256").read_text().split()[0] == sha256_file(out)
+
+
+@pytest.mark.parametrize("link", ["model.gguf", "model.gguf.sha256"])
+def test_output_that_is_a_link_is_refused_before_writing(tiny, tmp_path, capsys, link):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / link).symlink_to(victim)
+    assert main(["convert", str(tiny), "-o", str(out_dir / "model.gguf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ai-engine: error: ") and "is a symbolic link" in err, err
+    assert victim.read_text() == "keep me" and (out_dir / link).is_symlink()
+    assert sorted(p.name for p in out_dir.iterdir()) == [link]

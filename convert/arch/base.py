@@ -10,6 +10,7 @@ against config.json before anything is written.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Callable
@@ -17,7 +18,7 @@ from typing import Any, ClassVar, Callable
 import gguf
 import numpy as np
 
-from convert.checkpoint import Checkpoint, TensorSource
+from convert.checkpoint import Checkpoint, TensorSource, short_repr
 from convert.errors import CheckpointError, ConvertError, UnsupportedArchitecture
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ T = gguf.MODEL_TENSOR
 _BLOCK = re.compile(r"\.layers\.(\d+)\.")
 # Tensors some checkpoints carry that no llama.cpp graph reads (they are recomputed at run time).
 _ALWAYS_SKIPPED = ("rotary_emb.inv_freq",)
+_REQUIRED = object()
 
 
 @dataclass
@@ -49,7 +51,7 @@ class OutTensor:
         """Rows per read: whole tensor when rows are permuted (a permutation spans all rows)."""
         if self.rows is not None or len(self.shape) <= 1:
             return self.n_rows
-        row_bytes = int(np.prod(self.shape[1:])) * 4
+        row_bytes = math.prod(self.shape[1:]) * 4
         return max(1, budget_bytes // row_bytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -122,12 +124,19 @@ class Architecture:
         self.checkpoint = checkpoint
         self.hf_name = hf_name
         self.config = checkpoint.config
-        self.n_layers = int(self.require("num_hidden_layers"))
-        self.hidden = int(self.require("hidden_size"))
-        self.n_head = int(self.require("num_attention_heads"))
-        self.n_head_kv = int(self.config.get("num_key_value_heads") or self.n_head)
-        self.head_dim = int(self.config.get("head_dim") or self.hidden // self.n_head)
-        self.n_ff = int(self.require("intermediate_size"))
+        # No size of a real model exceeds its number of weights; checked here, a hostile config
+        # cannot make the tables below (built per layer) or any computed tensor huge.
+        self._n_weights = sum(math.prod(t.shape) for t in checkpoint.tensors.values())
+        self.n_layers = self.size("num_hidden_layers")
+        if self.n_layers > len(checkpoint.tensors):
+            raise CheckpointError(f"config.json has {self.n_layers} layers but the checkpoint holds "
+                                  f"only {len(checkpoint.tensors)} tensors")
+        self.hidden = self.size("hidden_size")
+        self.n_head = self.size("num_attention_heads")
+        self.n_head_kv = self.size("num_key_value_heads", self.n_head)
+        self.head_dim = self.size("head_dim", self.hidden // self.n_head)
+        self.n_ff = self.size("intermediate_size")
+        self.n_vocab: int | None = self.size("vocab_size", None)
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
 
     @property
@@ -137,6 +146,19 @@ class Architecture:
     @property
     def tied_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", self.tied_embeddings_default))
+
+    def size(self, key: str, default: Any = _REQUIRED) -> Any:
+        """A positive integer from config.json, or `default` when it is absent (or null)."""
+        value = self.config.get(key)
+        if value is None:
+            return self.require(key) if default is _REQUIRED else default
+        if type(value) is not int or value <= 0:
+            raise CheckpointError(f"config.json: '{key}' must be a positive integer, "
+                                  f"not {short_repr(value)}")
+        if value > self._n_weights:
+            raise CheckpointError(f"config.json: '{key}' is {value}, more than the checkpoint's "
+                                  f"{self._n_weights} weights in all")
+        return value
 
     def require(self, key: str) -> Any:
         if self.config.get(key) is None:
@@ -210,12 +232,13 @@ class Architecture:
         """Tensors the converter computes (e.g. Llama 3's rope_freqs)."""
         return []
 
-    def expected_shape(self, kind: gguf.MODEL_TENSOR, is_bias: bool) -> tuple[int, ...] | None:
-        """The shape config.json implies for a tensor kind (None: not checked)."""
+    def expected_shape(self, kind: gguf.MODEL_TENSOR, is_bias: bool) -> tuple[int | None, ...] | None:
+        """The shape config.json implies for a tensor kind (None: not checked; a None size: any)."""
         q, kv = self.n_head * self.head_dim, self.n_head_kv * self.head_dim
         if is_bias:
             return {T.ATTN_Q: (q,), T.ATTN_K: (kv,), T.ATTN_V: (kv,), T.ATTN_OUT: (self.hidden,)}.get(kind)
         return {
+            T.TOKEN_EMBD: (self.n_vocab, self.hidden), T.OUTPUT: (self.n_vocab, self.hidden),
             T.ATTN_Q: (q, self.hidden), T.ATTN_K: (kv, self.hidden), T.ATTN_V: (kv, self.hidden),
             T.ATTN_OUT: (self.hidden, q), T.FFN_GATE: (self.n_ff, self.hidden),
             T.FFN_UP: (self.n_ff, self.hidden), T.FFN_DOWN: (self.hidden, self.n_ff),
@@ -244,10 +267,7 @@ class Architecture:
             if kind is None:
                 raise ConvertError(f"{self.hf_name}: {hf_name} maps to unknown tensor {name}")
             t = OutTensor(name, kind, tuple(source.shape), source=source)
-            expected = self.expected_shape(kind, name.endswith(".bias"))
-            if expected is not None and t.shape != expected:
-                raise ConvertError(f"{self.hf_name}: {hf_name} has shape {list(t.shape)} but "
-                                   f"config.json implies {list(expected)}")
+            self._check_shape(hf_name, t)
             t.keep_f32 = len(t.shape) <= 1
             self.transform(t)
             out.append(t)
@@ -259,6 +279,18 @@ class Architecture:
         # A fixed order (embeddings, blocks in order, head) makes the file independent of how the
         # checkpoint was sharded.
         return sorted(out, key=_tensor_order)
+
+    def _check_shape(self, hf_name: str, t: OutTensor) -> None:
+        """Before any read: the shape config.json implies, and never an empty tensor."""
+        expected = self.expected_shape(t.kind, t.name.endswith(".bias"))
+        if expected is not None and (len(t.shape) != len(expected) or any(
+                e is not None and e != d for e, d in zip(expected, t.shape))):
+            implied = ", ".join("*" if e is None else str(e) for e in expected)
+            raise ConvertError(f"{self.hf_name}: {hf_name} has shape {list(t.shape)} but "
+                               f"config.json implies [{implied}]")
+        if math.prod(t.shape) == 0:
+            raise CheckpointError(f"{self.hf_name}: {hf_name} has shape {list(t.shape)}, "
+                                  "with no values at all")
 
     def _check_blocks(self, per_block: dict[int, set[str]]) -> None:
         if sorted(per_block) != list(range(self.n_layers)):
