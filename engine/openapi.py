@@ -23,7 +23,7 @@ from engine import __version__
 from engine.api.ollama import DEFAULTS as OLLAMA_DEFAULTS
 from engine.api.simulator import MAX_NEW_TOKENS
 from engine.chat import ROLES
-from engine.generation import SamplingParams
+from engine.generation import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 
 Schema = dict[str, Any]
 
@@ -76,7 +76,9 @@ def _text(description: str, *, non_blank: bool = True) -> Schema:
 
 
 def _stop(max_items: int, description: str) -> Schema:
-    """validation.string_list: one string or a list of them, none empty, at most `max_items`."""
+    """validation.string_list: one string or a list of them, none empty, at most `max_items`.
+    (The stop fields' limit on characters, generation.MAX_STOP_CHARS, is said in their description:
+    a schema cannot bound the sum of a list's lengths.)"""
     item = {"type": "string", "minLength": 1}
     return _optional({"description": description, "anyOf": [
         item, {"type": "array", "items": item, "maxItems": max_items}]})
@@ -229,8 +231,8 @@ def _simulator_schemas() -> dict[str, Schema]:
             "repeat_penalty": _number("Penalty on the last 64 generated tokens.", minimum=0, maximum=10,
                                       exclusive_minimum=True, default=d.repeat_penalty),
             "seed": _seed(),
-            "stop": _stop(16, "Replaces the default speaker-turn stops; `[]`: only end-of-sequence or "
-                              "max_length end the reply."),
+            "stop": _stop(MAX_STOPS, "Replaces the default speaker-turn stops; `[]`: only end-of-sequence or "
+                                     f"max_length end the reply. At most {MAX_STOP_CHARS:,} characters in all."),
             "stream": _boolean("Server-sent events: one `data:` event per token (`{\"text\": ...}`), then one "
                                "with the whole reply.", False),
             "model": _optional(_text("Any model name the Ollama and OpenAI surfaces accept (a file under "
@@ -359,7 +361,7 @@ def _ollama_schemas() -> dict[str, Schema]:
             "frequency_penalty": _number("", minimum=-2, maximum=2, default=0),
             "presence_penalty": _number("", minimum=-2, maximum=2, default=0),
             "seed": _seed(),
-            "stop": _stop(16, "Strings that end the reply."),
+            "stop": _stop(MAX_STOPS, f"Strings that end the reply; at most {MAX_STOP_CHARS:,} characters in all."),
         }), "Sampling options (Ollama's names and defaults)."),
         "OllamaGenerateRequest": _object({
             "model": model,
@@ -498,7 +500,7 @@ def _openai_common() -> dict[str, Schema]:
         "frequency_penalty": _number("", minimum=-2, maximum=2, default=0),
         "presence_penalty": _number("", minimum=-2, maximum=2, default=0),
         "seed": _seed(),
-        "stop": _stop(4, "Strings that end the reply."),
+        "stop": _stop(4, f"Strings that end the reply; at most {MAX_STOP_CHARS:,} characters in all."),
         "stream": _boolean("Server-sent events: chunks, then `data: [DONE]`.", False),
         "stream_options": _empty_or(_object({"include_usage": _boolean("A last chunk with `usage`.", False)}),
                                     "Streaming options."),
