@@ -1,6 +1,6 @@
 """Admission: a full queue (503 + Retry-After), a deadline the engine cannot meet (503 +
-Retry-After, decided at once from its measured speed), and a passed deadline (504). The queue
-itself is the scheduler's (engine/scheduler.py)."""
+Retry-After, decided at once from its measured speed), a passed deadline (504), and a model whose
+scheduler has stopped (503 at once). The queue itself is the scheduler's (engine/scheduler.py)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,22 @@ class Unavailable(EngineError):
 
     status = 503
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"Retry-After": "1"})
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class EngineFailed(Unavailable):
+    """The model's scheduler thread stopped after an internal error: its requests are answered
+    503 at once (never left to hang), and /health says the engine is unhealthy, so that an
+    orchestrator restarts it (or an operator reloads the model with POST /load-model)."""
+
+    RESTART_S = 10  # Retry-After: about what a restart of the engine takes
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"the engine cannot serve {model}: its scheduler stopped after an internal error ({reason}); "
+                         "it reports itself unhealthy until it is restarted or the model is loaded again",
+                         retry_after=self.RESTART_S)
 
 
 class DeadlineUnreachable(EngineError):

@@ -17,6 +17,9 @@ Lifecycle, as Ollama does it:
   could make room, the least recently used one stops taking new requests, finishes those it has,
   and is closed; the load waits its turn (first come, first served) until the request's deadline,
   then answers 503 with Retry-After. A model larger than the whole budget is refused at once.
+- A model whose scheduler thread has stopped (engine/scheduler.py, `failed`) is unhealthy: requests
+  for it are answered 503 at once, `healthy` turns false for /health, and loading it again (start-up's
+  path, POST /load-model) replaces it with a fresh one.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from engine.admission import EngineFailed
 from engine.errors import EngineError, ModelLoadError, ModelNotReady
 from engine.metrics import Metrics
 from engine.model_files import Adapter, ModelFiles, ModelSpec, check_gguf_file
@@ -93,6 +97,16 @@ class LoadedModel:
     @property
     def n_ctx(self) -> int:
         return self.engine.n_ctx
+
+    @property
+    def healthy(self) -> bool:
+        """False once its scheduler thread has stopped after an internal error (see `failure`)."""
+        return not self.engine.failed
+
+    @property
+    def failure(self) -> str | None:
+        """Why its scheduler stopped; None while it runs."""
+        return self.engine.failure
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -194,6 +208,16 @@ class ModelManager:
         with self._cond:
             return bool(self._loading)
 
+    @property
+    def healthy(self) -> bool:
+        """False while a resident model's scheduler has stopped (see `failures`): the engine cannot
+        serve that model until it is restarted or the model is loaded again."""
+        return not self.failures()
+
+    def failures(self) -> dict[str, str]:
+        """Resident models whose scheduler has stopped: name → why."""
+        return {m.name: m.failure for m in self.resident() if not m.healthy}
+
     def resident(self) -> list[LoadedModel]:
         """Resident models, most recently used first (those closing excluded)."""
         with self._cond:
@@ -268,6 +292,12 @@ class ModelManager:
                 if model is not None and model.stamp != _stamp(model.path):
                     log.info("%s changed on disk: loading it again", model.name)
                     self._retire(model)  # requests that hold it finish on the old file
+                    model = None
+                if model is not None and not model.healthy:
+                    if on_request:
+                        raise EngineFailed(model.name, model.failure)
+                    log.warning("%s is unhealthy (%s): loading it again", model.name, model.failure)
+                    self._retire(model)
                     model = None
                 if model is not None:
                     model.leases += 1
@@ -500,6 +530,7 @@ class _Closed:
     def __init__(self, engine) -> None:
         self.n_ctx, self.n_parallel, self.metadata = engine.n_ctx, engine.n_parallel, engine.metadata
         self.active = self.waiting = 0
+        self.failed, self.failure = False, None  # out of service: no longer this engine's health
 
 
 def _trim_heap() -> None:

@@ -1,7 +1,8 @@
 """Continuous batching: one runtime decoding up to N_PARALLEL sequences per step.
 
 A scheduler thread drives the runtime (engine/runtime.py: the llama.cpp handles). Requests wait
-in a bounded FIFO (`MAX_QUEUE`; full → 503 with Retry-After) until a sequence slot is free; then
+in a bounded FIFO (`MAX_QUEUE`; full → 503 with Retry-After; 0: no waiting, only free slots take
+requests) until a sequence slot is free; then
 each step builds one batch holding the next token of every decoding sequence plus chunks of the
 prompts being read (so a long prompt never stalls the others), runs one decode, and samples every
 sequence that has logits with its own sampler chain (plain greedy takes the argmax). Finished,
@@ -12,6 +13,11 @@ a request's limit does not depend on the others). Which slot a prompt goes to, a
 is reused from that slot or from a state in the conversation cache, is decided by the slot policy
 (engine/slot_policy.py) from plain data, so that reuse never changes a reply by a single bit;
 this module carries the decisions out. Only the new tokens are evaluated.
+
+Failures: a llama_decode that fails ends the requests whose tokens were in that batch (500) and
+the others go on. Should the thread itself die (an exception escaping its loop, or MAX_FAILED_STEPS
+steps failing in a row), every request it held is answered 503 at once, later ones too, and
+`failed` turns true for /health: nothing is left waiting on a thread that is gone.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from typing import Iterator
 
 import numpy as np
 
-from engine.admission import (DeadlineEstimator, DeadlineUnreachable, QueueFull, RequestTimeout, Unavailable,
-                              Workload)
+from engine.admission import (DeadlineEstimator, DeadlineUnreachable, EngineFailed, QueueFull, RequestTimeout,
+                              Unavailable, Workload)
 from engine.errors import ContextOverflow, EngineError
 from engine.generation import Generation, ReplyText, SamplingParams
 from engine.prompt_cache import CachedState, ConversationCache, common_prefix
@@ -42,12 +48,21 @@ log = logging.getLogger(__name__)
 MAX_BANNED_ENDS = 8  # end-of-generation tokens a reply that must say something may ban in turn
 _DONE = object()
 PREFILL_STEP_S = 0.5  # at most this much prompt reading in a step while other requests generate
+MAX_FAILED_STEPS = 3  # steps failing in a row before the runtime is taken as broken and the thread stops
 
 
 class Cancelled(EngineError):
     """The client went away; nobody reads this."""
 
     status = 499
+
+
+class _DecodeFailed(Exception):
+    """llama_decode failed: `sequences` are those whose tokens (or pending copies) it held."""
+
+    def __init__(self, cause: Exception, sequences: list["Sequence"]) -> None:
+        super().__init__(str(cause))
+        self.cause, self.sequences = cause, sequences
 
 
 @dataclass(eq=False)
@@ -147,6 +162,9 @@ class Scheduler:
         # Slots whose cells a copy reads at the next decode (llama.cpp copies the buffers then): no
         # state may be restored into them before it, or the copy would take the restored cells.
         self._copy_sources: set[int] = set()
+        self._copy_targets: set[int] = set()  # slots those copies write: uncertain if the decode fails
+        self._failure: str | None = None  # why the thread stopped (see `failed`)
+        self._failed_steps = 0  # steps failed in a row
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{Path(runtime.path).name}", daemon=True)
         self._thread.start()
 
@@ -191,20 +209,38 @@ class Scheduler:
         return sum(s.seq is not None for s in self.slots)
 
     @property
+    def failed(self) -> bool:
+        """Whether the scheduler thread has stopped after an internal error: every request is
+        answered 503 at once from then on, and the model is unhealthy (see `failure`)."""
+        return self._failure is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler thread stopped (the exception, in a line); None while it runs."""
+        return self._failure
+
+    @property
     def recent_s(self) -> float:
         """A moving estimate of one request's time, in seconds (for Retry-After)."""
         return self._recent_s
 
     def submit(self, tokens: np.ndarray, params: SamplingParams, reply: ReplyText, started: float,
                deadline: float) -> Sequence:
-        """Queue a request (503 at once when MAX_QUEUE requests already wait)."""
+        """Queue a request: 503 at once when it would have to wait and MAX_QUEUE requests already
+        do (MAX_QUEUE=0: whenever every sequence slot is taken), or when the thread has stopped."""
         self.check_fits(tokens, params.max_tokens)
         seq = Sequence(tokens=tokens, params=params, reply=reply, started=started, deadline=deadline)
         with self._cond:
+            if self._failure is not None:
+                raise EngineFailed(Path(self.runtime.path).name, self._failure)
             if self._stopping:
                 raise Unavailable("the engine is switching models; retry in a moment")
-            if self.waiting >= self.max_queue:
+            free = sum(s.seq is None for s in self.slots)
+            if len(self._pending) + 1 - free > self.max_queue:  # it would wait, and the waiting room is full
                 retry = max(1, round(self._recent_s * (self.waiting + 1) / (2 * self.n_parallel)))
+                if self.max_queue == 0:
+                    raise QueueFull(f"the engine is busy: all {self.n_parallel} sequence slots (N_PARALLEL) are "
+                                    "taken and MAX_QUEUE=0 lets no request wait; retry shortly", retry)
                 raise QueueFull(f"the engine is busy: {self.waiting} requests are already waiting "
                                 f"(MAX_QUEUE={self.max_queue}); retry shortly", retry)
             self._admit_by_deadline(seq)
@@ -309,6 +345,13 @@ class Scheduler:
 
     # -- the scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
+        """The thread: the loop, and the watchdog for whatever escapes it."""
+        try:
+            self._loop()
+        except BaseException as exc:
+            self._die(exc)
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._pending and not self.active and not self._stopping:
@@ -318,11 +361,46 @@ class Scheduler:
             try:
                 self._admit()
                 self._step()
-            except Exception as exc:  # a bug or a llama.cpp failure: fail the requests, keep serving
+            except _DecodeFailed as exc:  # llama.cpp refused a batch: its requests fail, the others go on
+                log.error("llama_decode failed (%s): ending the %d requests in its batch", exc.cause,
+                          len(exc.sequences))
+                self._count_failure(exc.cause)
+                for seq in exc.sequences:
+                    if seq.slot is not None and seq.slot.seq is seq:
+                        self._finish(seq, EngineError(f"generation failed: {exc.cause}"))
+            except Exception as exc:  # a bug: fail the requests in the slots (their state is unknown), keep serving
                 log.exception("scheduler step failed")
+                self._count_failure(exc)
                 for slot in self.slots:
                     if slot.seq is not None:
                         self._finish(slot.seq, EngineError(f"generation failed: {exc}"))
+            else:
+                self._failed_steps = 0
+
+    def _count_failure(self, exc: Exception) -> None:
+        """One more step failed; MAX_FAILED_STEPS in a row stop the thread (then `_die`): a runtime
+        that fails every batch would otherwise fail each request in turn while /health says ok."""
+        self._failed_steps += 1
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            raise RuntimeError(f"{self._failed_steps} scheduler steps failed in a row, the last with: {exc}") from exc
+
+    def _die(self, exc: BaseException) -> None:
+        """The watchdog: the loop is gone. Every request it held is answered 503 now, those that
+        come later at once (`submit`), and `failed` tells /health. The runtime is not touched: it
+        may be what broke (it is freed by `close`)."""
+        name = Path(self.runtime.path).name
+        log.critical("the scheduler of %s stopped; its requests are answered 503 until the engine restarts",
+                     name, exc_info=exc)
+        with self._cond:
+            self._failure = f"{type(exc).__name__}: {exc}"
+            held = list(self._pending) + [s.seq for s in self.slots if s.seq is not None]
+            self._pending.clear()
+            for slot in self.slots:
+                slot.seq = None
+            self._cond.notify_all()
+        for seq in held:
+            seq.end(EngineFailed(name, self._failure))
+        self._report_queue()
 
     def _admit(self) -> None:
         now = time.perf_counter()
@@ -414,6 +492,7 @@ class Scheduler:
             save = 0
         rt.seq_copy(donor.seq_id, slot.seq_id)
         self._copy_sources.add(donor.seq_id)
+        self._copy_targets.add(slot.seq_id)
         slot.kv[:donor.n_kv] = donor.kv[:donor.n_kv]
         slot.n_kv, slot.n_exact = donor.n_kv, donor.n_exact
         keep = self._truncate(slot, save or best)
@@ -560,9 +639,19 @@ class Scheduler:
         if n == 0:
             return
         started = time.perf_counter()
-        rt.decode()
+        try:
+            rt.decode()
+        except Exception as exc:
+            # Those whose tokens it held, and those whose cells a copy was to write at it (pending
+            # copies: done or not, nobody knows). Those waiting for room or a leader are untouched.
+            # The copy sources stay marked: a copy llama.cpp did not make is still due.
+            held = decoding + [seq for seq, _k in chunks] + saving
+            held += [s.seq for s in self.slots if s.seq_id in self._copy_targets and s.seq not in held]
+            self._copy_targets.clear()
+            raise _DecodeFailed(exc, [q for q in held if q is not None]) from exc
         self.estimator.observe_step(n - len(decoding), time.perf_counter() - started)
         self._copy_sources.clear()  # the copies are done
+        self._copy_targets.clear()
         if placeholder is not None:
             rt.seq_rm(placeholder.slot.seq_id, placeholder.disk_save, -1)
         for seq in saving:
@@ -623,26 +712,46 @@ class Scheduler:
         return token
 
     def _finish(self, seq: Sequence, error: BaseException | None = None, finish: str = "") -> None:
-        """Take `seq` out of its slot and hand its result (or error) to the waiting request."""
+        """Take `seq` out of its slot and hand its result (or error) to the waiting request. The
+        request is answered even if this fails (a runtime that broke): with that failure, which is
+        then raised on."""
         slot = seq.slot
-        if seq.chain is not None:
-            self.runtime.free_sampler(seq.chain)
-            seq.chain = None
         slot.seq = None
         seq.pending_token = None
+        try:
+            if seq.chain is not None:
+                chain, seq.chain = seq.chain, None
+                self.runtime.free_sampler(chain)
+            if error is not None:
+                self._drop(slot, error)
+            else:
+                self._complete(seq, finish)
+        except BaseException as exc:
+            if not seq.done.is_set():
+                seq.end(error or EngineError(f"generation failed: {exc}"))
+            raise
         if error is not None:
-            if isinstance(error, (RequestTimeout, Cancelled, DeadlineUnreachable)) and slot.n_exact:
-                # What it read exactly stays (the reply it began goes): a classmate or the student's
-                # next try continues from it, and a slow model's case prompt is not read in vain.
-                # The slot's cells are cut back when a request takes it, so its context stays whole.
-                self._truncate(slot, slot.n_exact)
-            else:  # a failure: nothing of it is trusted
-                self.runtime.seq_clear(slot.seq_id)
-                slot.clear()
             if isinstance(error, RequestTimeout) and self.metrics is not None:
                 self.metrics.timeouts.inc()
             seq.end(error)
             return
+        seq.end()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _drop(self, slot: Slot, error: BaseException) -> None:
+        """The cells of a request that ended with `error`."""
+        if isinstance(error, (RequestTimeout, Cancelled, DeadlineUnreachable)) and slot.n_exact:
+            # What it read exactly stays (the reply it began goes): a classmate or the student's
+            # next try continues from it, and a slow model's case prompt is not read in vain.
+            # The slot's cells are cut back when a request takes it, so its context stays whole.
+            self._truncate(slot, slot.n_exact)
+        else:  # a failure: nothing of it is trusted
+            self.runtime.seq_clear(slot.seq_id)
+            slot.clear()
+
+    def _complete(self, seq: Sequence, finish: str) -> None:
+        """`seq.result`, and the rest of its text to its stream."""
         if finish != "stop":
             seq.reply.add(seq.decoder.decode(b"", final=True))
         text = seq.reply.final()
@@ -658,9 +767,6 @@ class Scheduler:
             mean_logprob=seq.logprob_sum / seq.n_tokens if seq.n_tokens else 0.0, reused_tokens=seq.reused)
         if text[len(seq.emitted):]:
             seq.out.put(text[len(seq.emitted):])
-        seq.end()
-        with self._cond:
-            self._cond.notify_all()
 
     # -- KV cache of one slot -----------------------------------------------------------------
     def _truncate(self, slot: Slot, keep: int) -> int:

@@ -15,6 +15,8 @@ scheduler's own).
   reaches before what the sequence holds fails, as an inexact continuation would be in llama.cpp.
 - `closed`, `decode_calls`, `tokenize_calls`, `live_samplers`; every method but close() raises
   RuntimeClosed after close(), so a model used after it was switched out shows up in tests.
+- `inject(method, *errors)`: the next calls of `decode` or `seq_rm` raise those errors, one each,
+  changing nothing (a failed llama_decode, a runtime that breaks), for the scheduler's failure paths.
 """
 
 from __future__ import annotations
@@ -99,10 +101,22 @@ class FakeRuntime:
         self._batch: list[tuple[int, int, int, bool]] = []
         self._rows: dict[int, int] = {}  # batch index -> row of _logits
         self._logits = np.zeros((0, N_VOCAB), dtype=np.float32)
+        self._faults: dict[str, list[BaseException]] = {}
 
     def _live(self) -> None:
         if self.closed:
             raise RuntimeClosed(f"the model {self.path.name} was closed (switched out); retry the request")
+
+    def inject(self, method: str, *errors: BaseException) -> None:
+        """The next calls of `method` ("decode" or "seq_rm") raise `errors`, one per call."""
+        if method not in ("decode", "seq_rm"):
+            raise ValueError(f"faults can be injected into decode and seq_rm, not {method}")
+        self._faults.setdefault(method, []).extend(errors)
+
+    def _fault(self, method: str) -> None:
+        errors = self._faults.get(method)
+        if errors:
+            raise errors.pop(0)
 
     # -- tokens -----------------------------------------------------------------------------
     def tokenize(self, text: str) -> np.ndarray:
@@ -140,6 +154,7 @@ class FakeRuntime:
     def decode(self) -> None:
         self._live()
         self.decode_calls += 1
+        self._fault("decode")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         rc = self._check_batch()
@@ -215,6 +230,7 @@ class FakeRuntime:
         """Drops a suffix [p0, end) or the whole sequence; a range inside it is refused (False),
         as by a cache that cannot make holes. Dropping into the held window empties it."""
         self._live()
+        self._fault("seq_rm")
         kv = self._kv[seq_id]
         p0 = max(p0, 0)
         if 0 <= p1 < len(kv):

@@ -1,6 +1,7 @@
 """Deadline-aware admission: the estimate from plain numbers, and on the scheduler (fake runtime)
 a request that cannot finish in time refused at once with 503 + Retry-After while the others
-stay on time; the client's own shorter deadline over HTTP."""
+stay on time; the client's own shorter deadline over HTTP. MAX_QUEUE=0: no waiting room, on the
+fake runtime and on the real model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from engine.admission import DeadlineEstimator, DeadlineUnreachable, Workload
+from engine.admission import DeadlineEstimator, DeadlineUnreachable, QueueFull, Workload
 from engine.generation import ReplyText, SamplingParams, StopRules
 from engine.scheduler import Scheduler
 from tests.fake_runtime import FakeRuntime
@@ -148,5 +149,53 @@ def test_requests_accepted_before_the_speed_was_known_are_refused_once_it_is():
                 outcomes.append(type(exc).__name__)
         refused = [o for o in outcomes if isinstance(o, tuple)]
         assert len(refused) >= 2 and all(t < 1.5 and retry >= 1 for _s, t, retry in refused), outcomes
+    finally:
+        eng.close()
+
+
+def refused_at_once(eng: Scheduler, prompt: str) -> QueueFull:
+    started = time.perf_counter()
+    with pytest.raises(QueueFull) as refused:
+        ask(eng, prompt, 100, 30)
+    assert time.perf_counter() - started < 0.1
+    exc = refused.value
+    assert exc.status == 503 and int(exc.headers["Retry-After"]) >= 1
+    assert "MAX_QUEUE=0" in exc.message and "N_PARALLEL" in exc.message
+    return exc
+
+
+def test_max_queue_0_takes_requests_while_a_slot_is_free_and_lets_none_wait():
+    """MAX_QUEUE=0 is no waiting room, not "refuse everything": both slots take a request, a third
+    is a 503 with Retry-After at once while they generate, and once they are done a slot takes
+    the next one."""
+    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=2, n_batch=64, n_ctx=512, reply="x" * 40, step_delay_s=0.005),
+                    cache_bytes=0, max_queue=0)
+    try:
+        first = [ask(eng, f"estudiante {i}", 100, 30) for i in range(2)]
+        refused_at_once(eng, "estudiante 2")
+        assert [seq.wait().text for seq in first] == ["x" * 40] * 2
+        assert ask(eng, "estudiante 3", 100, 30).wait().text == "x" * 40
+    finally:
+        eng.close()
+
+
+def test_max_queue_0_on_the_real_model(default_model_file):
+    """The same on the real model, two sequences: both generate, the third is refused at once."""
+    import llama_cpp as L
+
+    from engine.runtime import LlamaRuntime
+
+    runtime = LlamaRuntime(default_model_file, n_ctx=256, n_parallel=2, n_batch=64, n_threads=2,
+                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
+    eng = Scheduler(runtime, cache_bytes=0, max_queue=0)
+    params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=32)
+    try:
+        started = time.perf_counter()
+        first = [eng.submit(eng.tokenize(f"Números: {n}, {n + 1}, {n + 2},"), params, ReplyText(StopRules()),
+                            started, started + 60) for n in (101, 517)]
+        refused_at_once(eng, "Números: 7, 8, 9,")
+        results = [seq.wait() for seq in first]
+        assert all(r.text and r.tokens == 32 for r in results), results
+        assert ask(eng, "Números: 7, 8, 9,", 8, 60).wait().tokens == 8
     finally:
         eng.close()
