@@ -134,4 +134,8 @@ def close_from_another_thread(server) -> None:
     make it fail with EBADF, and the engine exit with a traceback instead of its one line."""
     first = listeners(server)[0]
     socket_map = first._map
-    first.trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
+    try:
+        first.trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
+    except OSError:  # the trigger is gone (the loop is closing anyway): close from here, as before
+        log.debug("waitress trigger unavailable; closing the server from this thread", exc_info=True)
+        server.close()
