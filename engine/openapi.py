@@ -76,10 +76,10 @@ def _text(description: str, *, non_blank: bool = True) -> Schema:
 
 
 def _stop(max_items: int, description: str) -> Schema:
-    """validation.string_list: one string or a list of them, none empty, at most `max_items`.
-    (The stop fields' limit on characters, generation.MAX_STOP_CHARS, is said in their description:
-    a schema cannot bound the sum of a list's lengths.)"""
-    item = {"type": "string", "minLength": 1}
+    """validation.stops: one string or a list of them, none empty, at most `max_items`, and
+    generation.MAX_STOP_CHARS characters in all (said in the description: a schema cannot bound
+    the sum of a list's lengths, only each string's)."""
+    item = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     return _optional({"description": description, "anyOf": [
         item, {"type": "array", "items": item, "maxItems": max_items}]})
 

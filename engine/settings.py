@@ -139,7 +139,8 @@ class Settings:
         "is read N_BATCH tokens at a time.", 256, minimum=8)
     max_queue: int = _setting(
         "MAX_QUEUE", "Requests that may wait while N_PARALLEL are generating; past that the engine "
-        "answers 503 with Retry-After at once.", 32, minimum=0)
+        "answers 503 with Retry-After at once. 0: no waiting room (a request is taken only while a sequence "
+        "slot is free).", 32, minimum=0)
     max_loaded_models: int = _setting(
         "MAX_LOADED_MODELS", "Models resident at once (each with its own N_PARALLEL sequences and KV cache). "
         "A request for another model unloads the least recently used idle one, as Ollama does.", 3, minimum=1)

@@ -349,7 +349,7 @@ def test_preset_aliases(fakes):
 def test_ps_through_the_official_ollama_client(fakes):
     f = fakes()
     f.manager.load(ModelSpec(f.dir / "a.gguf"))
-    client = ollama.Client(host="http://engine.test", transport=httpx.WSGITransport(app=f.app()))
+    client = ollama.Client(host="http://localhost", transport=httpx.WSGITransport(app=f.app()))
     client.generate(model="b", prompt="Hola", keep_alive="10m")
     ps = client.ps()
     assert {m.model for m in ps.models} == {"a:latest", "b:latest"}

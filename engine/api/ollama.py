@@ -64,7 +64,7 @@ def _options(body: dict) -> tuple[SamplingParams, list[str] | None]:
     )
     if num_predict == 0:
         raise BadRequest("'options.num_predict' must be positive, or -1 for no limit", field="num_predict")
-    return params, v.string_list(options, "stop")
+    return params, v.stops(options)
 
 
 def _refuse_unsupported(body: dict, *fields: str) -> None:

@@ -91,7 +91,7 @@ def _params(body: dict, default_max_tokens: int) -> tuple[SamplingParams, list[s
         raise BadRequest("only response_format {'type': 'text'} is supported", field="response_format")
     max_tokens = v.integer(body, "max_completion_tokens", None, minimum=1)
     max_tokens = v.integer(body, "max_tokens", max_tokens, minimum=1) or default_max_tokens
-    stop = v.string_list(body, "stop", max_items=4) or []
+    stop = v.stops(body, max_items=4) or []
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=v.number(body, "temperature", 1.0, minimum=0, maximum=2),

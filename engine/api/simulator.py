@@ -56,7 +56,7 @@ def generate():
                                 maximum=10, min_inclusive=False),
         seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
     )
-    stop = v.string_list(body, "stop")
+    stop = v.stops(body)
     stream = v.boolean(body, "stream", False)
     name = v.string(body, "model")
     keep_alive = v.duration(body, "keep_alive")
@@ -131,7 +131,8 @@ def load_model():
     """Load a GGUF under MODEL_PATH, optionally with LoRA adapters (`lora`: a file name or a list,
     `lora_scale`: a number or a list), and make it the default model (requests without `model`).
     A model already resident is not loaded again; other resident models stay (until evicted or
-    idle past their keep_alive). On any failure the current default stays."""
+    idle past their keep_alive). On any failure the current default stays. Refusals name files as
+    the request did or relative to MODEL_PATH, never by absolute path."""
     body = v.json_body()
     name = v.string(body, "model_name", required=True)
     folder = v.string(body, "model_path")
@@ -146,9 +147,12 @@ def load_model():
     try:
         loaded, seconds = host.load(ModelSpec(path, adapters))
     except (ModelRefused, ModelLoadError) as exc:
+        # llama.cpp's and the OS's messages name files by absolute path: the log keeps it, the
+        # client gets names relative to MODEL_PATH.
+        log.warning("/load-model %s: %s", path, exc.message)
         current = host.default
         keep = f"; still serving {current.name}" if current else ""
-        raise type(exc)(exc.message + keep, field="model_name") from exc
+        raise type(exc)(host.files.public_text(exc.message) + keep, field="model_name") from exc
     how = f"loaded in {seconds:.2f} s" if seconds else "loaded in 0.00 s (it was already resident)"
     return jsonify(status="success", model_name=loaded.name, lora=loaded.describe_adapters(),
                    message=f"model {loaded.name} {how}")

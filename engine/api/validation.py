@@ -10,6 +10,7 @@ from typing import Any
 from flask import request
 
 from engine.errors import BadRequest, EngineError
+from engine.generation import MAX_STOPS, check_stops
 
 _MISSING = object()
 
@@ -123,6 +124,13 @@ def string_list(body: dict, name: str, *, max_items: int = 16) -> list[str] | No
         raise BadRequest(f"'{name}' must not contain empty strings", field=name)
     if len(value) > max_items:
         raise BadRequest(f"'{name}' has {len(value)} entries; at most {max_items} are allowed", field=name)
+    return value
+
+
+def stops(body: dict, name: str = "stop", *, max_items: int = MAX_STOPS) -> list[str] | None:
+    """A request's stop strings: a string or a list, within generation.check_stops's limits."""
+    value = string_list(body, name, max_items=max_items)
+    check_stops(value, name)
     return value
 
 
