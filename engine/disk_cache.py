@@ -18,7 +18,8 @@ Guarantees:
   not is removed and counted in `stats["corrupt"]`.
 - A write goes to a new 0600 file with a random name (O_EXCL, O_NOFOLLOW) in the same folder, is
   fsynced and renamed into place: a crash never leaves a file that `load` accepts. Folders created
-  here are 0700 whatever the umask.
+  here, and the model's subfolder always, are 0700 whatever the umask; a saved file that others could
+  read (copied in, or left by an older version) is made 0600 when the index is built.
 - Disk errors are logged, never raised; a cache that cannot work is disabled (one warning).
 - Logs name files and counts only, never tokens: they are health data.
 """
@@ -131,11 +132,12 @@ def _open_checked(path: Path, model_id: str) -> tuple[BinaryIO, np.ndarray, int,
         raise
 
 
-def _make_private_dirs(path: Path) -> None:
-    """`mkdir -p` whose new folders are 0700 whatever the umask."""
+def make_private_dirs(path: Path) -> None:
+    """`mkdir -p` whose new folders are 0700 whatever the umask (existing ones are left as they are:
+    they may be shared, as /tmp is). Also used for the prompt history's folder (engine.logs)."""
     if path.is_dir():
         return
-    _make_private_dirs(path.parent)
+    make_private_dirs(path.parent)
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -187,7 +189,7 @@ class DiskCache:
         if self.budget == 0:
             return
         try:
-            _make_private_dirs(self.dir)
+            make_private_dirs(self.dir)
             if not stat.S_ISDIR(os.lstat(self.dir).st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, "not a folder (a symbolic link?)")
             os.chmod(self.dir, 0o700)
@@ -327,7 +329,7 @@ class DiskCache:
 
     def _build_index(self) -> None:
         """Index the headers and tokens of the subfolder's files; the oldest mtime is the least recent."""
-        found, now = [], time.time()
+        found, now, exposed = [], time.time(), 0
         with os.scandir(self.dir) as it:
             for e in it:
                 try:
@@ -338,11 +340,17 @@ class DiskCache:
                         f, tokens, _, _ = _open_checked(self.dir / e.name, self.model_id)
                         with f:
                             st = os.fstat(f.fileno())
+                            if stat.S_IMODE(st.st_mode) & 0o077:
+                                os.fchmod(f.fileno(), 0o600)
+                                exposed += 1
                         found.append((st.st_mtime_ns, e.name, _Entry(tokens, st.st_size)))
                 except _Corrupt as err:
                     self._discard(e.name, err)
                 except OSError as err:  # not ours to judge: left alone, not indexed
                     log.warning("disk prompt cache: cannot read %s (%s)", e.name, err.strerror or err)
+        if exposed:
+            log.warning("disk prompt cache: %d saved files could be read by other users; made them private (0600)",
+                        exposed)
         for _, name, entry in sorted(found, key=lambda f: f[:2]):
             self._add(name, entry)
         self._evict_to(self.budget)

@@ -65,9 +65,10 @@ class ModelSpec:
 
 
 def check_gguf_file(path: Path) -> None:
-    """Refuse a file that is missing or does not start like a GGUF file, before llama.cpp sees it."""
+    """Refuse a file that is missing or does not start like a GGUF file, before llama.cpp sees it.
+    Messages name the file, not its folder: they reach HTTP clients (see `ModelFiles.public_text`)."""
     if not path.is_file():
-        raise ModelNotFound(f"model file not found: {path}")
+        raise ModelNotFound(f"model file not found: {path.name}")
     with path.open("rb") as f:
         head = f.read(8)
     if head[:4] != GGUF_MAGIC:
@@ -83,11 +84,19 @@ def plain_name(name: str) -> str:
 
 
 def describe_path(path: Path) -> str:
-    """A short human description for start-up logs."""
+    """A short human description for start-up logs (the full path: logs are the operator's, never
+    an HTTP client's)."""
     try:
         return f"{path} ({os.path.getsize(path) / 1e6:.0f} MB)"
     except OSError:
         return str(path)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a folder under MODEL_PATH that this process may not search
+        return False
 
 
 class ModelFiles:
@@ -96,6 +105,9 @@ class ModelFiles:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model_dir = Path(settings.model_path).expanduser().resolve()
+        # MODEL_PATH as configured and as resolved (they differ when it is or passes a link): a
+        # client may name a folder under it either way.
+        self._roots = {self.model_dir, Path(os.path.normpath(Path(settings.model_path).expanduser().absolute()))}
 
     # -- start-up: MODEL and LORA ------------------------------------------------------------
     def startup_spec(self, *, assemble: Callable[[Path], Path] | None = None) -> ModelSpec:
@@ -166,24 +178,49 @@ class ModelFiles:
 
         `model_path` may be MODEL_PATH itself or a folder under it (then `model_name` is a file in
         it), or a file under it. Symlinks are resolved before the check, so a link inside
-        MODEL_PATH cannot reach a file outside it.
+        MODEL_PATH cannot reach a file outside it. A path outside MODEL_PATH is refused before
+        anything there is looked at, with a message that depends only on the request: whether it
+        exists, or is a folder or a file, is not revealed. Messages name paths as the client gave
+        them or relative to MODEL_PATH, never MODEL_PATH's own location.
         """
-        base = Path(model_path).expanduser() if model_path else self.model_dir
-        if not base.is_absolute():
-            base = self.model_dir / base
         if "\x00" in model_name or (model_path and "\x00" in model_path):
             raise ModelRefused("model names and paths cannot contain NUL characters", field="model_name")
-        target = base / model_name if (not model_path or base.is_dir()) and model_name else base
-        resolved = target.resolve()
+        # One refusal for every path outside, built from the request alone.
+        shown = f"model_path {model_path[:200]!r} with model_name {model_name[:200]!r}" if model_path \
+            else f"model_name {model_name[:200]!r}"
+        outside = ModelRefused(f"only files under MODEL_PATH can be loaded; {shown} leads outside it (GET /models "
+                               "lists them)", field="model_path" if model_path else "model_name")
+        base = self._lexical(model_path) if model_path else self.model_dir
+        if base is None:
+            raise outside
+        target = base
+        if model_name and (not model_path or _is_dir(base)):
+            target = self._lexical(model_name, base)
+            if target is None:
+                raise outside
+        resolved = Path(os.path.realpath(target))  # links inside MODEL_PATH are followed, then checked
         if resolved != self.model_dir and self.model_dir not in resolved.parents:
-            raise ModelRefused(
-                f"only files under MODEL_PATH ({self.model_dir}) can be loaded; {str(target)!r} is outside it",
-                field="model_path" if model_path else "model_name")
+            raise outside
         if not resolved.is_file():
-            raise ModelNotFound(
-                f"model {model_name!r} not found under MODEL_PATH ({self.model_dir}); GET /models lists them",
-                field="model_name")
+            raise ModelNotFound(f"model {model_name!r} not found under MODEL_PATH; GET /models lists them",
+                                field="model_name")
         return resolved
+
+    def _lexical(self, name: str, base: Path | None = None) -> Path | None:
+        """`name` (relative to `base`, default MODEL_PATH) as an absolute path without `..`, if that
+        is MODEL_PATH or under it (links not followed: nothing outside is touched); else None."""
+        path = Path(os.path.normpath((base or self.model_dir) / name))
+        if any(path == root or root in path.parents for root in self._roots):
+            return path
+        return None
+
+    def public_text(self, text: str) -> str:
+        """`text` (an error from llama.cpp, the OS or a library) with MODEL_PATH's location replaced by
+        `MODEL_PATH`, so that a message for an HTTP client names files relative to it."""
+        for root in sorted({str(r) for r in self._roots}, key=len, reverse=True):
+            if root != os.sep:
+                text = text.replace(root, "MODEL_PATH")
+        return text
 
     def resolve_adapters(self, names, scales) -> tuple[Adapter, ...]:
         """LoRA adapter files under MODEL_PATH (same rules as models), with their scales."""
