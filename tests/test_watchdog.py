@@ -132,6 +132,9 @@ def test_the_manager_reports_the_model_unhealthy_and_loading_it_again_heals_it(t
         assert r.status_code == 503 and r.headers["Retry-After"] and "a.gguf" in r.get_json()["error"]
         assert not manager.healthy and not manager.default.healthy
         assert "LoopBroke" in manager.failures()["a.gguf"]
+        health = client.get("/health")  # an orchestrator restarts an engine that says so
+        assert health.status_code == 503 and health.get_json()["status"] == "unhealthy"
+        assert "LoopBroke" in health.get_json()["failures"]["a.gguf"] and health.get_json()["model_loaded"] is True
         r = client.post("/generate", json=body)
         assert r.status_code == 503, r.get_json()
         assert len(f.runtimes) == 1  # refused at the lease: nothing reloaded behind the operator's back
@@ -139,6 +142,7 @@ def test_the_manager_reports_the_model_unhealthy_and_loading_it_again_heals_it(t
         assert other.status_code == 200, other.get_json()
         assert client.post("/load-model", json={"model_name": "a.gguf"}).status_code == 200
         assert manager.healthy and client.post("/generate", json=body).get_json()["texto"] == "Soy a."
+        assert client.get("/health").status_code == 200 and client.get("/health").get_json()["status"] == "ok"
     finally:
         f.manager.close()
 

@@ -9,7 +9,8 @@ bp = Blueprint("ops", __name__)
 
 @bp.get("/health")
 def health():
-    """200 once the start-up model has loaded; 503 before. The simulator's fields (`status`,
+    """200 once the start-up model has loaded; 503 before, and 503 with status `unhealthy` (and
+    `failures`: model → why) once a model's scheduler thread has stopped. The simulator's fields (`status`,
     `model_loaded`: the default model is resident, `model_path`) are always there; the default
     model's details are at the top level, and every resident model is listed in `models`. It needs
     no API key, so it names no absolute path: `model_path` is MODEL_PATH's folder name,
@@ -26,7 +27,10 @@ def health():
                        "expires_in_s": None if m.expires_in_s is None else round(m.expires_in_s, 1)}
                       for m in host.resident()]
     body["closing"] = [{"model": m.name, "requests": m.leases} for m in host.closing()]
-    return jsonify(body), 200 if host.ready else 503
+    failures = host.failures()
+    if failures:  # a scheduler thread stopped: its requests get 503; an orchestrator should restart us
+        body.update(status="unhealthy", failures=failures)
+    return jsonify(body), 200 if host.ready and not failures else 503
 
 
 def _describe(host, model) -> dict:
