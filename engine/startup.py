@@ -33,13 +33,13 @@ class StartupPlan:
     spec: ModelSpec
 
     def check(self) -> None:
-        """The quick refusals (missing, not GGUF) before anything listens."""
-        try:
-            check_gguf_file(self.spec.path)
-            for adapter in self.spec.adapters:
-                check_gguf_file(adapter.path)
-        except EngineError as exc:
-            raise ModelLoadError(f"cannot start: {exc.message}") from exc
+        """The quick refusals (missing, not GGUF) before anything listens. The message is the
+        operator's (the command's, a replica's start), so it names the full path."""
+        for path in (self.spec.path, *(adapter.path for adapter in self.spec.adapters)):
+            try:
+                check_gguf_file(path)
+            except EngineError as exc:
+                raise ModelLoadError(f"cannot start: {exc.message} ({path})") from exc
 
 
 def plan_startup(settings: Settings, *, assemble: Callable[[Path], Path] | None = None) -> StartupPlan:
