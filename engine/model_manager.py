@@ -349,8 +349,10 @@ class ModelManager:
                 raise
             except Exception as exc:  # llama-cpp-python raises ValueError with little detail
                 size = spec.path.stat().st_size if spec.path.exists() else 0
+                log.warning("llama.cpp could not load %s: %s", spec.path, exc)  # the full path for the operator
                 raise ModelLoadError(
-                    f"llama.cpp could not load {spec.path.name} ({size:,} bytes): {exc}. The file may be "
+                    f"llama.cpp could not load {spec.path.name} ({size:,} bytes): {self.files.public_text(str(exc))}. "
+                    "The file may be "
                     "truncated, not a model GGUF, or of an architecture this llama.cpp build does not "
                     "support") from exc
             seconds = time.perf_counter() - started

@@ -55,11 +55,11 @@ def physical_cores() -> int:
 
 def _setting(env: str, help: str, default: Any = None, *, factory: Callable[[], Any] | None = None,
              default_doc: str | None = None, minimum: int | None = None,
-             maximum: int | None = None) -> Any:
+             maximum: int | None = None, secret: bool = False) -> Any:
     meta = {"env": env, "help": help, "default_doc": default_doc, "min": minimum, "max": maximum}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, metadata=meta, repr=not secret)  # a secret never shows in a log or traceback
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ class Settings:
         "its measured speed and the work ahead) gets 503 with Retry-After at once.", 120, minimum=1)
     api_key: str = _setting(
         "ENGINE_API_KEY", "If set, every route but /health and /openapi.json needs it "
-        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).", "", default_doc="empty (no key)")
+        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).", "", default_doc="empty (no key)", secret=True)
     api_key_file: str = _setting(
         "ENGINE_API_KEY_FILE", "File that holds the API key (a Docker or Kubernetes secret), so that the key is "
         "in neither the environment nor `ps` output. Surrounding whitespace is ignored. Setting both this and "

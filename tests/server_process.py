@@ -50,7 +50,7 @@ def start_server(env_overrides: dict[str, str], log_path: Path, timeout: float =
         try:
             if requests.get(url + "/health", timeout=2).status_code == 200:
                 return Server(url, process, log_path)
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy to answer in time
             pass
         time.sleep(0.25)
     process.kill()

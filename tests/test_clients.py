@@ -118,6 +118,7 @@ def test_ollama_chat_streaming_equals_non_streaming(ol):
 def test_ollama_show_and_version(ol, server_generating):
     shown = ol.show(OLLAMA_NAME)
     assert shown.details.family == "gemma3" and shown.modelinfo["general.architecture"] == "gemma3"
+    assert shown.modelfile.strip() == f"FROM {DEFAULT_MODEL}"  # relative to MODEL_PATH: no absolute path
     assert requests.get(server_generating.url + "/api/version", timeout=10).json()["version"]
 
 

@@ -173,6 +173,24 @@ def test_load_model_errors_name_no_absolute_path(client, model_dir, body, status
     assert client.get("/health").get_json()["model"] == DEFAULT_MODEL  # the current model stays
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/api/generate", {"model": "truncated.gguf", "prompt": "Hola", "stream": False}),
+    ("/v1/chat/completions", {"model": "truncated.gguf", "messages": [{"role": "user", "content": "Hola"}]}),
+    ("/generate", {"model": "truncated.gguf", "prompt": "Hola"}),
+])
+def test_a_load_by_a_model_field_names_no_absolute_path(client, model_dir, path, body):
+    r = client.post(path, json=body)
+    assert r.status_code == 422, r.get_json()
+    assert_no_absolute_path(r.get_json(), model_dir)
+
+
+def test_other_routes_name_no_absolute_path(client, model_dir):
+    for r in (client.get("/models"), client.post("/api/show", json={"model": DEFAULT_MODEL}), client.get("/api/tags"),
+              client.get("/v1/models"), client.get("/api/ps")):
+        assert r.status_code == 200
+        assert_no_absolute_path(r.get_json(), model_dir)
+
+
 def test_a_load_failure_keeps_the_full_path_in_the_log(client, model_dir, caplog):
     with caplog.at_level(logging.WARNING):
         assert client.post("/load-model", json={"model_name": "truncated.gguf"}).status_code == 422

@@ -63,3 +63,11 @@ def test_documented_configuration_table_is_current():
     doc = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert Settings.markdown_table() in doc, "regenerate with: python scripts/update_readme_settings.py"
     assert "docs/configuration.md" in (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_api_key_never_shows_in_the_settings_printed_form(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("file-k3y\n")
+    for settings in (Settings.load({"ENGINE_API_KEY": "env-k3y"}), Settings.load({"ENGINE_API_KEY_FILE": str(key_file)})):
+        assert settings.api_key in ("env-k3y", "file-k3y")
+        assert settings.api_key not in repr(settings) and settings.api_key not in str(settings)

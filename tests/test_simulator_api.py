@@ -244,7 +244,8 @@ def test_unknown_route_and_method_are_json(server):
 
 def test_models_lists_gguf_files(server, model_dir):
     body = requests.get(server.url + "/models", timeout=10).json()
-    assert body["model_path"] == str(model_dir.resolve())
+    assert body["model_path"] == model_dir.name  # the folder's name: no absolute path without a key
+    assert str(model_dir.parent) not in requests.get(server.url + "/models", timeout=10).text
     assert DEFAULT_MODEL in body["models"]
     assert "persona/alt-model.gguf" in body["models"]
     assert all(name.endswith(".gguf") for name in body["models"])

@@ -223,7 +223,8 @@ def show():
     parameters = "\n".join(f"{k} {getattr(DEFAULTS, a)}" for k, a in (
         ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("repeat_penalty", "repeat_penalty")))
     model_info = {k: val for k, val in d.metadata.items() if not k.startswith("tokenizer.chat_template")}
-    return jsonify(modelfile=f"FROM {path}\n", parameters=parameters, template=template, details=_details(d),
+    # MODEL_PATH-relative, as /health names files: no absolute path for a caller without a key.
+    return jsonify(modelfile=f"FROM {host.files.display_name(path)}\n", parameters=parameters, template=template, details=_details(d),
                    model_info=model_info, capabilities=["completion"], modified_at=d.modified_at)
 
 

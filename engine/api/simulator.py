@@ -121,7 +121,7 @@ def models():
     """The GGUF files under MODEL_PATH, which one is the default (`loaded`), and every resident one."""
     host = _host()
     model = host.default
-    return jsonify(models=host.files.list_models(), model_path=str(host.model_dir),
+    return jsonify(models=host.files.list_models(), model_path=host.model_dir.name or ".",  # no absolute path
                    loaded=model.name if model else None, lora=model.describe_adapters() if model else [],
                    presets=sorted(host.files.presets()), resident=[m.name for m in host.resident()])
 
