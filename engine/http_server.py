@@ -41,6 +41,9 @@ class JsonErrorTask(ErrorTask):
         error = self.request.error
         message = f"{error.reason}: {error.body}"
         path = getattr(self.request, "path", "") or ""
+        # A request that failed to parse may have no path; waitress's own log line for a client
+        # that leaves before this answer is written reads it (and logs a traceback without it).
+        self.request.path = path
         body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}} \
             if path.startswith("/v1/") else {"error": message}
         data = json.dumps(body).encode()

@@ -44,7 +44,7 @@ from tests.server_process import Server, start_server, stop_server  # noqa: E402
 
 PROMPT = "Estudiante: ¿Cómo ha dormido esta semana?\nPaciente:"
 DOCUMENTED_5XX = {503, 504}
-CLIENT_LIMIT = 12  # above --threads: the run's own clients (127.0.0.1) stay under it
+CLIENT_LIMIT = 20  # well above --threads: the run's own clients (127.0.0.1), with connections it abandoned, stay under it
 ENGINE_ENV = {"N_CTX": "1024", "N_PARALLEL": "4", "MAX_QUEUE": "8", "REQUEST_TIMEOUT_S": "60",
               "READ_TIMEOUT_S": "3", "IDLE_TIMEOUT_S": "5", "CLIENT_CONNECTION_LIMIT": str(CLIENT_LIMIT),
               "CONNECTION_LIMIT": "64", "RESPONSE_CACHE_SIZE": "0", "LOG_LEVEL": "INFO"}
@@ -217,8 +217,17 @@ def run(server: Server, rng: random.Random, n_hostile: int, n_valid: int, thread
             "valid": {str(c): n for c, n in valid.items()}, "idle": idle["counts"],
             "health_after": health.status_code, "normal_request_after": after.status_code,
             "cancelled": log.count('"status": 499'), "abandoned": n_abandon,
-            "tracebacks": log.count("Traceback"), "unhandled": log.count("unhandled error"),
+            "tracebacks": log.count("Traceback"), "traceback_excerpts": _tracebacks(log), "unhandled": log.count("unhandled error"),
             "rss_mb": {k: round(v, 1) for k, v in rss.items()}}
+
+
+def _tracebacks(log: str, keep: int = 2) -> list[str]:
+    """The first few tracebacks of the engine's log (its log goes with its temporary folder)."""
+    lines, out = log.splitlines(), []
+    for i, line in enumerate(lines):
+        if "Traceback" in line and len(out) < keep:
+            out.append("\n".join(lines[max(0, i - 2):i + 40]))
+    return out
 
 
 def raw_abandon(server: Server) -> str:
@@ -277,7 +286,7 @@ def verdict(report: dict) -> list[str]:
     failures = []
     for name, codes in report["statuses"].items():
         for code in codes:
-            if code not in ("None", "closed by client", "cut off", "closed") and not code.startswith("4") \
+            if code not in ("closed by client", "cut off", "closed") and not code.startswith("4") \
                     and not (name in ("abandoned stream", "long request id") and code == "200"):
                 failures.append(f"{name}: answered {code}")
     if report["statuses"].get("trickled headers", {}).get("answered"):
@@ -306,7 +315,7 @@ def markdown(report: dict) -> str:
              f"{report['hostile']} hostile requests of {len(report['statuses'])} kinds, {report['valid_sent']} valid "
              f"generations, abandoned requests, trickling and idle clients, in {report['seconds']} s; "
              "engine on 127.0.0.1, default model.", "",
-             "| Kind | Answers (status: count; None = closed unanswered) |", "|---|---|"]
+             "| Kind | Answers (status: count) |", "|---|---|"]
     for name, codes in report["statuses"].items():
         lines.append(f"| {name} | " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items())) + " |")
     lines += ["", f"- Valid generations: {report['valid']}",

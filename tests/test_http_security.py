@@ -215,3 +215,29 @@ def test_a_slow_application_is_not_cut_by_the_idle_timeout():
     finally:
         close_from_another_thread(server)
         loop.join(timeout=30)
+
+
+def test_a_client_that_leaves_before_a_refusal_is_written_leaves_no_traceback():
+    """A malformed request (400: a request line that does not parse) whose client has gone by
+    the time the refusal is written: waitress's 'client disconnected' log line read the unparsed request's path and failed
+    (AttributeError, a traceback in the log; seen in the abuse run)."""
+    from waitress.channel import ClientDisconnected
+
+    from engine.http_server import build_server, listeners
+
+    server = build_server(lambda environ, start_response: [], Settings.load({}, api_port=free_port()))
+    listener = listeners(server)[0]
+    ours, theirs = socket.socketpair()
+    try:
+        channel = listener.channel_class(listener, ours, ("127.0.0.1", 1), listener.adj, map={})
+        channel.received(b"\x00\x01 garbage\r\n\r\n")
+        assert channel.requests and channel.requests[0].error is not None
+
+        def gone(data):
+            raise ClientDisconnected
+
+        channel.write_soon = gone
+        channel.service()  # raised AttributeError before
+    finally:
+        theirs.close()
+        server.close()
