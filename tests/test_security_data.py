@@ -384,7 +384,7 @@ def local_gcs(ray_tmp: str) -> tuple[str, dict[str, str]]:
 
 
 @pytest.mark.ray
-def test_local_ray_serve_with_a_key_file_and_token_authentication(model_dir, tmp_path):
+def test_local_ray_serve_with_a_key_file_and_token_authentication(model_dir, tmp_path, monkeypatch):
     """`serve --ray` end to end on a local cluster: the replica finds the key in the file, callers
     without it get 401 (but /health), and a Ray client without the cluster's token cannot join."""
     ray_serve_module()
@@ -397,8 +397,10 @@ def test_local_ray_serve_with_a_key_file_and_token_authentication(model_dir, tmp
            "ENGINE_API_KEY_FILE": str(key_file), "N_CTX": "512", "N_THREADS": "1", "N_THREADS_BATCH": "1",
            "N_PARALLEL": "1", "MAX_QUEUE": "2", "LOG_LEVEL": "WARNING", "RAY_USAGE_STATS_ENABLED": "0"}
     env.update(RAY_ADDRESS="", ENGINE_API_KEY="")  # empty: as if unset
-    if any(os.environ.get(n) for n in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
-        pytest.skip("this test starts a local cluster with the token that the command chooses")
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        # The command must choose its own token: not one that an in-process cluster of an earlier
+        # test left in this process's environment (engine.ray_serve._local_token sets it there).
+        monkeypatch.delenv(name, raising=False)
     server = start_ray_server(env, tmp_path / "serve.log")
     try:
         assert requests.get(server.url + "/health", timeout=30).status_code == 200
