@@ -10,24 +10,20 @@ after `keep_alive` (see engine/model_manager.py); an unknown one is a 404
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, current_app, jsonify
 
 from engine import __version__, gguf_info, service
+from engine.api import bodies, replies
 from engine.api import validation as v
-from engine.chat import validate_messages
-from engine.errors import BadRequest, EngineError
+from engine.api.bodies import OLLAMA_DEFAULTS as DEFAULTS
+from engine.errors import BadRequest, ModelNotFound
 from engine.generation import SamplingParams
-from engine.errors import ModelNotFound
 from engine.model_manager import ModelManager
 
 bp = Blueprint("ollama", __name__, url_prefix="/api")
-
-# Ollama's documented defaults; num_predict -1 generates until a stop or the context is full.
-DEFAULTS = SamplingParams(max_tokens=0, temperature=0.8, top_p=0.9, top_k=40, min_p=0.0, repeat_penalty=1.1)
 NS = 1_000_000_000
 
 
@@ -44,33 +40,9 @@ def ollama_name(rel: str) -> str:
     return rel.removesuffix(".gguf") + ":latest"
 
 
-def _options(body: dict) -> tuple[SamplingParams, list[str] | None]:
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'options' must be an object", field="options")
-    num_predict = v.integer(options, "num_predict", -1, minimum=-2)
-    v.integer(options, "num_ctx", None, minimum=1)  # accepted; the context is N_CTX (see README)
-    params = SamplingParams(
-        max_tokens=0 if num_predict < 0 else num_predict,
-        temperature=v.number(options, "temperature", DEFAULTS.temperature, minimum=0, maximum=100),
-        top_p=v.number(options, "top_p", DEFAULTS.top_p, minimum=0, maximum=1, min_inclusive=False),
-        top_k=v.integer(options, "top_k", DEFAULTS.top_k, minimum=0),
-        min_p=v.number(options, "min_p", DEFAULTS.min_p, minimum=0, maximum=1),
-        repeat_penalty=v.number(options, "repeat_penalty", DEFAULTS.repeat_penalty, minimum=0, maximum=10,
-                                min_inclusive=False),
-        frequency_penalty=v.number(options, "frequency_penalty", 0.0, minimum=-2, maximum=2),
-        presence_penalty=v.number(options, "presence_penalty", 0.0, minimum=-2, maximum=2),
-        seed=v.integer(options, "seed", None, minimum=0, maximum=2**32 - 2),
-    )
-    if num_predict == 0:
-        raise BadRequest("'options.num_predict' must be positive, or -1 for no limit", field="num_predict")
-    return params, v.stops(options)
-
-
-def _refuse_unsupported(body: dict, *fields: str) -> None:
-    for name in fields:
-        if body.get(name):
-            raise BadRequest(f"'{name}' is not supported by this engine", field=name)
+def _params(options) -> SamplingParams:
+    """The sampling settings of a parsed `options` (num_ctx is accepted; the context is N_CTX)."""
+    return bodies.sampling(options, DEFAULTS, max_tokens=max(options.num_predict, 0))
 
 
 def _stats(job: service.Job, load_s: float) -> dict:
@@ -78,7 +50,7 @@ def _stats(job: service.Job, load_s: float) -> dict:
     total = time.perf_counter() - job.started
     prompt_eval = max(r.ttft_s - load_s, 0.0)
     return {
-        "done_reason": "length" if r.finish_reason == "length" else "stop",
+        "done_reason": replies.client_finish_reason(r),
         "total_duration": int(total * NS),
         "load_duration": int(load_s * NS),
         "prompt_eval_count": r.prompt_tokens - r.reused_tokens,
@@ -97,22 +69,17 @@ def _respond(run: service.Run, stream: bool, wrap):
         return jsonify({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": True,
                         **_stats(job, load_s)})
 
-    def line(obj: dict) -> str:
-        return json.dumps(obj, ensure_ascii=False) + "\n"
+    def piece(text: str) -> dict | None:
+        return {"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": False} \
+            if text else None
 
-    def lines():
-        try:
-            for piece in run:
-                if piece:
-                    yield line({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(piece),
-                                "done": False})
-        except EngineError as exc:  # Ollama streams errors as an {"error": ...} line
-            yield line({"error": exc.message})
-            return
-        yield line({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
-                    **_stats(job, load_s)})
+    def end() -> list[dict]:
+        return [{"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
+                 **_stats(job, load_s)}]
 
-    return service.streaming_response(lines(), run, "application/x-ndjson")
+    # Ollama streams an error after the 200 as an {"error": ...} line.
+    lines = replies.stream(run, replies.NDJSON, piece=piece, error=lambda exc: {"error": exc.message}, end=end)
+    return service.streaming_response(lines, run, replies.NDJSON.mimetype)
 
 
 @bp.post("/generate")
@@ -120,16 +87,9 @@ def generate():
     """Complete `prompt` (with `system`); applies the model's chat template unless `raw` is true
     or the model has none (then the prompt is used as it is, like Ollama's `{{ .Prompt }}`)."""
     started = time.perf_counter()
-    body = v.json_body()
-    timeout_s = v.client_timeout(body)
-    name = v.string(body, "model", required=True)
-    prompt = v.string(body, "prompt", non_empty=False) or ""
-    system = v.string(body, "system", non_empty=False)
-    raw = v.boolean(body, "raw", False)
-    stream = v.boolean(body, "stream", True)
-    _refuse_unsupported(body, "images", "format", "template", "suffix")
-    params, stop = _options(body)
-    keep_alive = v.duration(body, "keep_alive")
+    r = bodies.OLLAMA_GENERATE.parse(v.json_body())
+    name, prompt, system, keep_alive = r.model, r.prompt, r.system, r.keep_alive
+    params, stop = _params(r.options), r.options.stop
     host = _host()
     if not prompt.strip():  # Ollama: an empty prompt just loads the model, or unloads it with keep_alive 0
         if keep_alive == 0:
@@ -142,39 +102,33 @@ def generate():
 
     def make_job(model) -> service.Job:
         text, extra_stops = prompt, ()
-        if not raw and model.metadata.get("tokenizer.chat_template"):
+        if not r.raw and model.metadata.get("tokenizer.chat_template"):
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
             chat = service.chat_prompt_for(model, messages)
             text, extra_stops = chat.text, chat.extra_stops
-        elif system and not raw:
+        elif system and not r.raw:
             text = f"{system}\n\n{text}"
         return service.plain_job(text, params, (stop or []) + list(extra_stops), started)
 
     run = service.start(host, name, make_job, keep_alive_s=keep_alive,
-                        started=started, timeout_s=timeout_s)
-    return _respond(run, stream, lambda text: {"response": text})
+                        started=started, timeout_s=r.timeout_s)
+    return _respond(run, r.stream, lambda text: {"response": text})
 
 
 @bp.post("/chat")
 def chat():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
-    body = v.json_body()
-    timeout_s = v.client_timeout(body)
-    name = v.string(body, "model", required=True)
-    stream = v.boolean(body, "stream", True)
-    _refuse_unsupported(body, "tools", "format")
-    params, stop = _options(body)
-    keep_alive = v.duration(body, "keep_alive")
-    messages = validate_messages(body.get("messages"))
+    r = bodies.OLLAMA_CHAT.parse(v.json_body())
+    params, stop = _params(r.options), r.options.stop
 
     def make_job(model) -> service.Job:
-        prompt = service.chat_prompt_for(model, messages)
+        prompt = service.chat_prompt_for(model, r.messages)
         return service.plain_job(prompt.text, params, (stop or []) + list(prompt.extra_stops), started)
 
-    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive,
-                        started=started, timeout_s=timeout_s)
-    return _respond(run, stream, lambda text: {"message": {"role": "assistant", "content": text}})
+    run = service.start(_host(), r.model, make_job, keep_alive_s=r.keep_alive,
+                        started=started, timeout_s=r.timeout_s)
+    return _respond(run, r.stream, lambda text: {"message": {"role": "assistant", "content": text}})
 
 
 @bp.get("/tags")
@@ -208,8 +162,8 @@ def _details(d: gguf_info.ModelDetails) -> dict:
 @bp.post("/show")
 def show():
     """Details, metadata, template and default parameters of one model."""
-    body = v.json_body()
-    name = v.string(body, "model") or v.string(body, "name", required=True)
+    r = bodies.OLLAMA_SHOW.parse(v.json_body())
+    name = r.model or r.name
     host = _host()
     try:
         path = host.files.resolve(name).path

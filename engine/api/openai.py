@@ -7,7 +7,6 @@ tools built on it work unchanged. Differences are listed in the README.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -15,9 +14,9 @@ from flask import Blueprint, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
 from engine import service
+from engine.api import bodies, replies
 from engine.api import validation as v
-from engine.chat import validate_messages
-from engine.errors import BadRequest, EngineError
+from engine.errors import EngineError
 from engine.generation import SamplingParams
 from engine.model_manager import ModelManager
 
@@ -39,7 +38,7 @@ def openai_error(exc: EngineError):
 @bp.errorhandler(HTTPException)
 def openai_http_error(exc: HTTPException):
     """Body too large, bad method and the like, in OpenAI's error shape too."""
-    from engine.app import http_error_headers
+    from engine.api.http import http_error_headers
 
     return jsonify(error={"message": f"{exc.name}: {exc.description}", "type": "invalid_request_error",
                           "param": None, "code": None}), exc.code, http_error_headers(exc)
@@ -79,28 +78,10 @@ def _model_object(host: ModelManager, model_id: str) -> dict:
     return entry
 
 
-def _params(body: dict, default_max_tokens: int) -> tuple[SamplingParams, list[str]]:
-    for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
-                          ("logprobs", (None, False, 0)), ("top_logprobs", (None, 0)), ("suffix", (None,))):
-        if body.get(name) not in allowed:
-            raise BadRequest(f"'{name}'={body.get(name)!r} is not supported by this engine", field=name)
-    if body.get("tools"):
-        raise BadRequest("'tools' (function calling) is not supported by this engine", field="tools")
-    fmt = body.get("response_format")
-    if fmt not in (None, {"type": "text"}):
-        raise BadRequest("only response_format {'type': 'text'} is supported", field="response_format")
-    max_tokens = v.integer(body, "max_completion_tokens", None, minimum=1)
-    max_tokens = v.integer(body, "max_tokens", max_tokens, minimum=1) or default_max_tokens
-    stop = v.stops(body, max_items=4) or []
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=v.number(body, "temperature", 1.0, minimum=0, maximum=2),
-        top_p=v.number(body, "top_p", 1.0, minimum=0, maximum=1, min_inclusive=False),
-        top_k=0, min_p=0.0, repeat_penalty=1.0,
-        frequency_penalty=v.number(body, "frequency_penalty", 0.0, minimum=-2, maximum=2),
-        presence_penalty=v.number(body, "presence_penalty", 0.0, minimum=-2, maximum=2),
-        seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
-    ), stop
+def _params(r) -> SamplingParams:
+    """The sampling settings of a parsed request: OpenAI's sampler has no top-k, min-p or repeat
+    penalty; no `max_tokens` means until the context is full."""
+    return bodies.sampling(r, max_tokens=r.max_tokens or 0, top_k=0, min_p=0.0, repeat_penalty=1.0)
 
 
 def _usage(job: service.Job) -> dict:
@@ -110,7 +91,7 @@ def _usage(job: service.Job) -> dict:
 
 
 def _finish(job: service.Job) -> str:
-    return "length" if job.result.finish_reason == "length" else "stop"
+    return replies.client_finish_reason(job.result)
 
 
 def _run(run: service.Run, stream: bool, include_usage: bool, obj: str, choice, chunk_choice):
@@ -122,56 +103,31 @@ def _run(run: service.Run, stream: bool, include_usage: bool, obj: str, choice, 
         text = service.complete(run)
         return jsonify(id=rid, object=obj, created=created, model=job.model_name,
                        choices=[choice(text, _finish(job))], usage=_usage(job))
-    chunk_obj = obj + ".chunk" if obj == "chat.completion" else obj
+    base = {"id": rid, "object": obj + ".chunk" if obj == "chat.completion" else obj, "created": created,
+            "model": job.model_name}
+    first = chunk_choice(None, None, first=True)
 
-    def sse(payload) -> str:
-        return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    def end() -> list[dict]:
+        usage = [{**base, "choices": [], "usage": _usage(job)}] if include_usage else []
+        return [{**base, "choices": [chunk_choice(None, _finish(job))]}, *usage]
 
-    def events():
-        base = {"id": rid, "object": chunk_obj, "created": created, "model": job.model_name}
-        first = chunk_choice(None, None, first=True)
-        if first is not None:
-            yield sse({**base, "choices": [first]})
-        try:
-            for piece in run:
-                if piece:
-                    yield sse({**base, "choices": [chunk_choice(piece, None)]})
-        except EngineError as exc:  # after the 200: an error object in the stream, as OpenAI does
-            yield sse({"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}})
-            return
-        yield sse({**base, "choices": [chunk_choice(None, _finish(job))]})
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(job)})
-        yield "data: [DONE]\n\n"
-
-    return service.streaming_response(events(), run, "text/event-stream")
-
-
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = v.boolean(body, "stream", False)
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise BadRequest("'stream_options' must be an object", field="stream_options")
-    return stream, v.boolean(options, "include_usage", False)
+    events = replies.stream(
+        run, replies.SSE, start=[{**base, "choices": [first]}] if first is not None else [],
+        piece=lambda text: {**base, "choices": [chunk_choice(text, None)]} if text else None,
+        # after the 200: an error object in the stream, as OpenAI does
+        error=lambda exc: {"error": {"message": exc.message, "type": "server_error", "param": None, "code": None}},
+        end=end, done="data: [DONE]\n\n")
+    return service.streaming_response(events, run, replies.SSE.mimetype)
 
 
 @bp.post("/completions")
 def completions():
     """Complete a raw `prompt` (no chat template)."""
     started = time.perf_counter()
-    body = v.json_body()
-    timeout_s = v.client_timeout(body)
-    name = v.string(body, "model", required=True)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("'prompt' must be a non-empty string (lists of prompts and token ids are not supported)",
-                         field="prompt")
-    params, stop = _params(body, default_max_tokens=16)
-    stream, include_usage = _stream_flags(body)
-    run = service.start(_host(), name, lambda _model: service.plain_job(prompt, params, stop, started),
-                        started=started, timeout_s=timeout_s)
+    r = bodies.COMPLETION.parse(v.json_body())
+    params = _params(r)
+    run = service.start(_host(), r.model, lambda _model: service.plain_job(r.prompt, params, r.stop or [], started),
+                        started=started, timeout_s=r.timeout_s)
 
     def choice(text, finish):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
@@ -179,25 +135,21 @@ def completions():
     def chunk_choice(text, finish, first=False):
         return None if first else choice(text or "", finish)
 
-    return _run(run, stream, include_usage, "text_completion", choice, chunk_choice)
+    return _run(run, r.stream, r.stream_options.include_usage, "text_completion", choice, chunk_choice)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
-    body = v.json_body()
-    timeout_s = v.client_timeout(body)
-    name = v.string(body, "model", required=True)
-    messages = validate_messages(body.get("messages"))
-    params, stop = _params(body, default_max_tokens=0)
-    stream, include_usage = _stream_flags(body)
+    r = bodies.CHAT_COMPLETION.parse(v.json_body())
+    params = _params(r)
 
     def make_job(model) -> service.Job:
-        prompt = service.chat_prompt_for(model, messages)
-        return service.plain_job(prompt.text, params, stop + list(prompt.extra_stops), started)
+        prompt = service.chat_prompt_for(model, r.messages)
+        return service.plain_job(prompt.text, params, (r.stop or []) + list(prompt.extra_stops), started)
 
-    run = service.start(_host(), name, make_job, started=started, timeout_s=timeout_s)
+    run = service.start(_host(), r.model, make_job, started=started, timeout_s=r.timeout_s)
 
     def choice(text, finish):
         return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
@@ -207,4 +159,4 @@ def chat_completions():
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text is not None else {})
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
-    return _run(run, stream, include_usage, "chat.completion", choice, chunk_choice)
+    return _run(run, r.stream, r.stream_options.include_usage, "chat.completion", choice, chunk_choice)

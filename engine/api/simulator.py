@@ -6,24 +6,21 @@ ever added (inside `metadata`, or beside the contract's fields), never renamed o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 from flask import Blueprint, current_app, jsonify
 
 from engine import service
+from engine.api import bodies, replies
 from engine.api import validation as v
-from engine.errors import BadRequest, EngineError, ModelLoadError, ModelRefused
-from engine.generation import SamplingParams
+from engine.errors import ModelLoadError, ModelRefused
 from engine.model_files import ModelSpec
 from engine.patient import reply_text
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("simulator", __name__)
-
-MAX_NEW_TOKENS = 8192
 
 
 def _host():
@@ -34,59 +31,29 @@ def _host():
 def generate():
     """The patient's next line for the transcript in `prompt`.
 
-    Body: `prompt` (required), `max_length` (new tokens, default 150), `temperature` (default 0.7),
-    `top_p` (default 0.9); optional `top_k`, `min_p`, `repeat_penalty`, `seed`, `stop` (a list
-    that replaces the speaker-turn stops; `[]` for none), `stream` (server-sent events: one
-    `data:` event per token with the new text, then one with the whole reply as without `stream`),
-    `model` (any name the Ollama and OpenAI surfaces accept; default: the default model) and
-    `keep_alive` (as Ollama's).
+    The body's fields, with their ranges and defaults, are declared in bodies.GENERATE: `prompt`
+    (required), `max_length` (new tokens), the sampling settings, `stop` (replaces the speaker-turn
+    stops), `stream` (server-sent events: one `data:` event per token with the new text, then one
+    with the whole reply as without `stream`), `model` and `keep_alive`.
     """
     started = time.perf_counter()
-    body = v.json_body()
-    timeout_s = v.client_timeout(body)
-    prompt = v.string(body, "prompt", required=True)
-    defaults = SamplingParams()
-    params = SamplingParams(
-        max_tokens=v.integer(body, "max_length", 150, minimum=1, maximum=MAX_NEW_TOKENS),
-        temperature=v.number(body, "temperature", defaults.temperature, minimum=0, maximum=2),
-        top_p=v.number(body, "top_p", defaults.top_p, minimum=0, maximum=1, min_inclusive=False),
-        top_k=v.integer(body, "top_k", defaults.top_k, minimum=0),
-        min_p=v.number(body, "min_p", defaults.min_p, minimum=0, maximum=1),
-        repeat_penalty=v.number(body, "repeat_penalty", defaults.repeat_penalty, minimum=0,
-                                maximum=10, min_inclusive=False),
-        seed=v.integer(body, "seed", None, minimum=0, maximum=2**32 - 2),
-    )
-    stop = v.stops(body)
-    stream = v.boolean(body, "stream", False)
-    name = v.string(body, "model")
-    keep_alive = v.duration(body, "keep_alive")
+    r = bodies.GENERATE.parse(v.json_body())
+    params = bodies.sampling(r, max_tokens=r.max_length)
 
     def make_job(_model) -> service.Job:
-        return service.Job(prompt=prompt, params=params, new_reply=lambda: reply_text(stop),
-                           cache_key=("patient", *service.stop_key(stop)), started=started)
+        return service.Job(prompt=r.prompt, params=params, new_reply=lambda: reply_text(r.stop),
+                           cache_key=("patient", *service.stop_key(r.stop)), started=started)
 
     # Model, queue, timeout and prompt errors are plain 4xx/5xx, before any stream starts.
-    run = service.start(_host(), name, make_job, keep_alive_s=keep_alive,
-                        started=started, timeout_s=timeout_s)
+    run = service.start(_host(), r.model, make_job, keep_alive_s=r.keep_alive,
+                        started=started, timeout_s=r.timeout_s)
     job = run.job
-    if not stream:
+    if not r.stream:
         service.complete(run)
         return jsonify(_reply_body(job))
-
-    def events():
-        try:
-            for piece in run:
-                yield _sse({"text": piece})
-        except EngineError as exc:  # after the 200: the stream ends with an error event
-            yield _sse({"error": exc.message})
-            return
-        yield _sse(_reply_body(job))
-
-    return service.streaming_response(events(), run, "text/event-stream")
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    events = replies.stream(run, replies.SSE, piece=lambda text: {"text": text},
+                            error=lambda exc: {"error": exc.message}, end=lambda: [_reply_body(job)])
+    return service.streaming_response(events, run, replies.SSE.mimetype)
 
 
 def _reply_body(job: service.Job) -> dict:
@@ -133,17 +100,10 @@ def load_model():
     A model already resident is not loaded again; other resident models stay (until evicted or
     idle past their keep_alive). On any failure the current default stays. Refusals name files as
     the request did or relative to MODEL_PATH, never by absolute path."""
-    body = v.json_body()
-    name = v.string(body, "model_name", required=True)
-    folder = v.string(body, "model_path")
-    lora = v.string_list(body, "lora") or []
-    scale = body.get("lora_scale", 1.0)
-    scales = scale if isinstance(scale, list) else [scale]
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 10 for x in scales):
-        raise BadRequest("'lora_scale' must be a number between 0 and 10, or a list of them", field="lora_scale")
+    r = bodies.LOAD_MODEL.parse(v.json_body())
     host = _host()
-    path = host.files.resolve_request_path(name, folder)
-    adapters = host.files.resolve_adapters(lora, scales)
+    path = host.files.resolve_request_path(r.model_name, r.model_path)
+    adapters = host.files.resolve_adapters(r.lora or [], r.lora_scale)
     try:
         loaded, seconds = host.load(ModelSpec(path, adapters))
     except (ModelRefused, ModelLoadError) as exc:
