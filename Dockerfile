@@ -26,6 +26,7 @@ RUN CMAKE_ARGS="-DGGML_NATIVE=OFF ${LLAMA_CMAKE_ARGS}" pip install --no-cache-di
 COPY setup.cfg pyproject.toml README.md /src/
 COPY engine /src/engine
 COPY convert /src/convert
+COPY ai_engine_common /src/ai_engine_common
 RUN pip install --no-cache-dir /src
 
 FROM ${PYTHON_IMAGE}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.errors import EngineError
+from ai_engine_common.errors import EngineError
 
 
 class ConvertError(EngineError):

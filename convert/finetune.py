@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ai_engine_common.patient_prompt import render_case_prompt
 from convert.errors import CheckpointError, ConvertError
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ def load_examples(path: Path) -> list[Example]:
 
 def case_examples(case: dict[str, Any]) -> list[Example]:
     """One example per Paciente turn: the prompt is the transcript up to the question before it."""
-    from engine.patient import render_case_prompt
-
     out = []
     for i, (role, text) in enumerate(case["turnos"]):
         if role == "Paciente" and i > 0:

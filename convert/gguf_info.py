@@ -1,5 +1,5 @@
 """A GGUF header summary for the converter (file type, parameter count, tensor shapes in numpy
-order), on top of the engine's fast header reader (engine/gguf_info.py)."""
+order), on top of the fast header reader the engine uses too (ai_engine_common/gguf_header.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ai_engine_common.gguf_header import GGUFFormatError, NotGGUF, read_header
 from convert.errors import ConvertError
-from engine.gguf_info import GGUFFormatError, NotGGUF, read_header
 
 
 @dataclass

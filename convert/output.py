@@ -20,8 +20,8 @@ import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
+from ai_engine_common.files import sha256_file
 from convert.errors import ConvertError
-from engine.default_model import sha256_file
 
 log = logging.getLogger(__name__)
 

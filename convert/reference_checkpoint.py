@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from engine.default_model import sha256_file
+from ai_engine_common.files import sha256_file
 
 log = logging.getLogger(__name__)
 

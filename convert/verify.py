@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import gguf
 import numpy as np
 
+from ai_engine_common.machine import physical_cores
 from convert.errors import ConvertError, VerifyError
 from convert.gguf_info import read_info
 from convert.metadata import SourceInfo
@@ -124,8 +125,6 @@ class _Gguf:
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None) -> None:
         import llama_cpp
-
-        from engine.settings import physical_cores
 
         self._llama_cpp = llama_cpp
         threads = threads or physical_cores()

@@ -14,6 +14,9 @@ import uuid
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from engine.api import docs, ollama, openai, ops, simulator
+from engine.api.http import HostRefused, Unauthorized, http_error_headers, request_fields
+from engine.api.openai import openai_http_error
 from engine.errors import EngineError
 from engine.logs import log_access
 from engine.model_manager import ModelManager
@@ -22,17 +25,8 @@ from engine.settings import Settings
 log = logging.getLogger(__name__)
 
 PUBLIC_PATHS = {"/health", "/openapi.json"}
-REQUEST_FIELDS = "ai_engine.fields"  # per-request dict in the WSGI environ: id, token counts
 # A client's X-Request-ID is kept (echoed and logged) only when it looks like an id.
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
-class Unauthorized(EngineError):
-    status = 401
-
-
-class HostRefused(EngineError):
-    status = 400
 
 
 def create_app(settings: Settings | None = None, host: ModelManager | None = None,
@@ -49,18 +43,11 @@ def create_app(settings: Settings | None = None, host: ModelManager | None = Non
     app.extensions["model_host"] = host or ModelManager(settings)
     app.extensions["replica_id"] = replica_id
 
-    from engine.api import docs, ollama, openai, ops, simulator
-
     for blueprint in (simulator.bp, ollama.bp, openai.bp, ops.bp, docs.bp):
         app.register_blueprint(blueprint)
     _register_hooks(app, settings)
     _register_error_handlers(app)
     return app
-
-
-def request_fields() -> dict:
-    """The current request's log fields (token counts are added by the handlers)."""
-    return request.environ.setdefault(REQUEST_FIELDS, {})
 
 
 def _register_hooks(app: Flask, settings: Settings) -> None:
@@ -144,11 +131,6 @@ def host_name(host: str) -> str:
     return host.rstrip(".")
 
 
-def http_error_headers(exc: HTTPException) -> dict[str, str]:
-    """Werkzeug's own headers for an HTTP error (a 405's Allow), without its HTML content type."""
-    return {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
-
-
 def _authorized(key: str) -> bool:
     auth = request.headers.get("Authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
@@ -180,7 +162,6 @@ def _register_error_handlers(app: Flask) -> None:
         # A URL that matches no route never reaches the OpenAI blueprint's handler (Flask decides
         # the blueprint by the route), so paths under /v1/ get OpenAI's error shape here.
         if request.path.startswith("/v1/"):
-            from engine.api.openai import openai_http_error
             return openai_http_error(exc)
         return jsonify(error=f"{exc.name}: {exc.description}"), exc.code, http_error_headers(exc)
 

@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("settings", help="print the configuration table (Markdown, as in docs/configuration.md)")
 
     # Converter commands (convert, quantize, verify) live in the convert package; each sets
-    # `func`, called with the parsed args and returning an exit status.
+    # `func`, called with the parsed args and returning an exit status. This module is the
+    # command's composition root: the one place in engine that imports convert, and only
+    # `python -m engine` imports it (tests/test_import_graph.py).
     from convert.cli import add_commands
     from engine.doctor import add_command as add_doctor
 

@@ -6,11 +6,11 @@ sha256 checked; later calls only check that the file is there and intact. No hub
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
+from ai_engine_common.files import sha256_file
 from engine.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -21,15 +21,6 @@ except ImportError:  # pragma: no cover - the package is a hard dependency of th
     _package = None
 
 DEFAULT_MODEL_NAME = "gemma-3-270m-q4_k_m.gguf"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def ensure_default_model(folder: Path) -> Path:

@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import os
 import platform
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ai_engine_common.machine import memory_info, physical_cores, read_cpu_info
 from engine import offload
 from engine.default_model import DEFAULT_MODEL_NAME
 from engine.errors import EngineError, SettingsError
@@ -50,35 +49,6 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-ctx", dest="n_ctx", type=int, default=None, metavar="N",
                         help="context size for the KV cache estimate (default: N_CTX, 4096)")
     parser.set_defaults(func=run)
-
-
-@dataclass(frozen=True)
-class CpuInfo:
-    """The CPU as /proc/cpuinfo describes it."""
-
-    model: str
-    flags: frozenset[str]
-    logical: int
-
-
-def read_cpu_info(text: str | None = None) -> CpuInfo:
-    """Model name and feature flags of the first CPU in /proc/cpuinfo (or in `text`)."""
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-        except OSError:
-            text = ""
-    model: str | None = None
-    flags: frozenset[str] | None = None
-    for line in text.splitlines():  # the first CPU's lines are enough
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key in ("flags", "Features") and flags is None:  # x86 and ARM spell it differently
-            flags = frozenset(value.split())
-    return CpuInfo(model=model or platform.processor() or platform.machine(), flags=flags or frozenset(),
-                   logical=os.cpu_count() or 1)
 
 
 def parse_system_info(text: str) -> dict[str, dict[str, str]]:
@@ -128,25 +98,6 @@ def describe_cpu_features(flags: frozenset[str]) -> str:
     return ", ".join([f"AVX2 {'yes' if 'avx2' in flags else 'no'}", f"AVX-512 {listed(avx512)}",
                       f"AVX-VNNI {'yes' if 'avx_vnni' in flags else 'no'}",
                       f"AMX {listed([f for f in _AMX_FLAGS if f in flags])}"])
-
-
-def memory_info() -> tuple[int, int]:
-    """(total, available) RAM in bytes; available falls back to free where the kernel lacks it."""
-    values: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                values[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    if "MemTotal" in values:
-        return values["MemTotal"], values.get("MemAvailable", values.get("MemFree", 0))
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return pages * size, os.sysconf("SC_AVPHYS_PAGES") * size
-    except (ValueError, OSError, AttributeError):
-        return 0, 0
 
 
 class _Report:
@@ -203,8 +154,6 @@ def _load_settings(report: _Report) -> dict[str, Any]:
 
 
 def _report_system(report: _Report, settings: dict[str, Any]) -> None:
-    from engine.settings import physical_cores
-
     cpu = read_cpu_info()
     report.section("System")
     report.row("OS", f"{platform.system()} {platform.release()} {platform.machine()}, "

@@ -2,22 +2,13 @@
 
 HTTP handlers turn an `EngineError` into `{"error": message}` with its `status`; the CLI prints
 its message and exits non-zero. Messages say what went wrong and, where there is one, the fix.
+`EngineError` itself is declared in ai_engine_common/errors.py, as the converter's errors derive
+from it too.
 """
 
 from __future__ import annotations
 
-
-class EngineError(Exception):
-    """Base class: `status` is the HTTP status a handler answers with."""
-
-    status = 500
-
-    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.headers = headers or {}  # HTTP headers the answer carries (Retry-After, WWW-Authenticate)
-
+from ai_engine_common.errors import EngineError
 
 class BadRequest(EngineError):
     """The request itself is wrong (missing field, wrong type, out of range)."""

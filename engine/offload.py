@@ -37,6 +37,7 @@ import gguf
 
 from engine.errors import ModelRefused, SettingsError
 from engine.gguf_info import GGUFFormatError, read_header
+from engine.kv_types import KV_CACHE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,14 @@ _SWA_PATTERNS = {
     "gpt-oss": 2,
 }
 
+
+def _bytes_per_element(ggml_type: int) -> float:
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
+    return type_size / block
+
+
 # Bytes per KV cache element for each KV_CACHE_TYPE (block size and bytes from gguf's table).
-KV_TYPE_BYTES: dict[str, float] = {
-    name: gguf.GGML_QUANT_SIZES[qtype][1] / gguf.GGML_QUANT_SIZES[qtype][0]
-    for name, qtype in {
-        "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32,
-        "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
-        "q5_1": gguf.GGMLQuantizationType.Q5_1, "q5_0": gguf.GGMLQuantizationType.Q5_0,
-        "q4_1": gguf.GGMLQuantizationType.Q4_1, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-    }.items()
-}
+KV_TYPE_BYTES: dict[str, float] = {name: _bytes_per_element(t) for name, t in KV_CACHE_TYPES.items()}
 
 CUDA_BUILD_FIX = 'CMAKE_ARGS="-DGGML_CUDA=on" scripts/serve.sh'
 

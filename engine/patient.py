@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from ai_engine_common.patient_prompt import render_case_prompt  # noqa: F401  (re-exported for the tests)
 from engine.generation import ReplyText, StopRules
 
 SPEAKERS = ("Estudiante", "Terapeuta", "Paciente", "Sistema")
@@ -50,26 +51,3 @@ def label_pending(text: str) -> bool:
 def reply_text(stop: Sequence[str] | None) -> ReplyText:
     """An empty patient reply with the request's stop rules."""
     return ReplyText(stop_rules(stop), clean=clean_reply, pending=label_pending, require_text=True)
-
-
-def render_case_prompt(case: dict) -> str:
-    """The prompt the simulator's backend builds for a case (layout in DESIGN.md).
-
-    `case` has the fields of `tests/data/patient_cases.json`: the system context, the case sheet,
-    and `turnos` ([role, text] pairs) whose last entry is the student's current question.
-    """
-    lines = [
-        case["contexto_sistema"], "",
-        "CASO CLÍNICO:",
-        f"Nombre: {case['nombre']}",
-        f"Edad: {case['edad']}",
-        f"Ocupación: {case['ocupacion']}", "",
-        f"Motivo de consulta: {case['motivo_consulta']}", "",
-        f"Historia: {case['historia']}", "",
-        f"Estado emocional: {case['estado_emocional']}", "",
-        f"Personalidad: {case['personalidad']}", "",
-        "ENTREVISTA:",
-    ]
-    lines += [f"{role}: {text}" for role, text in case["turnos"]]
-    lines.append("Paciente:")
-    return "\n".join(lines)

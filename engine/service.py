@@ -1,5 +1,10 @@
 """One generation path under every API surface: the admission queue, the prompt checks, the
-response cache, streaming or not, and the metrics, the same for the simulator, Ollama and OpenAI."""
+response cache, streaming or not, and the metrics, the same for the simulator, Ollama and OpenAI.
+
+It knows nothing of HTTP: the API layer (engine/api/service.py) passes in what a request adds,
+its access-log fields, its path and a check that its client is still there, and builds the
+streamed response.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
-from flask import Response, has_request_context, request
-
 from engine.admission import QueueFull
 from engine.chat import ChatPrompt, chat_prompt
 from engine.generation import Generation, ReplyText, SamplingParams, StopRules
@@ -19,16 +22,6 @@ from engine.model_manager import Lease, LoadedModel, ModelManager
 
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-
-
-def _request_fields() -> dict:
-    if not has_request_context():
-        return {}
-    from engine.app import request_fields
-
-    fields = request_fields()
-    fields["path"] = request.path
-    return fields
 
 
 @dataclass
@@ -44,7 +37,8 @@ class Job:
     result: Generation | None = None
     model_name: str = ""
     adapters: list = field(default_factory=list)  # the LoRA adapters of the model that answered
-    fields: dict = field(default_factory=_request_fields)  # the access log's fields of this request
+    fields: dict = field(default_factory=dict)  # the access log's fields of this request (set by start())
+    path: str = ""  # the endpoint asked, for the opt-in prompt history (set by start())
 
 
 class Run:
@@ -55,11 +49,14 @@ class Run:
     (one item per token, often ""), after the wait for a free sequence slot; `wait()` blocks until
     the end instead. Afterwards `job.result` holds the `Generation`. `close()` cancels it and
     gives the lease back: safe at any time and more than once, also when iteration never started
-    or stopped early (a client that went away). `start()` makes one.
+    or stopped early (a client that went away). `start()` makes one. `client_gone`, when given,
+    says that the client left: `wait()` then cancels the generation.
     """
 
-    def __init__(self, host: ModelManager, lease: Lease, job: Job) -> None:
+    def __init__(self, host: ModelManager, lease: Lease, job: Job,
+                 client_gone: Callable[[], bool] | None = None) -> None:
         self.host, self.lease, self.job = host, lease, job
+        self.client_gone = client_gone
         self.seq = None
         self._hit: Generation | None = None
         self.model = model = lease.model
@@ -102,12 +99,11 @@ class Run:
             self.close()
             return self._cached()
         try:
-            client_gone = request.environ.get("waitress.client_disconnected") if has_request_context() else None
-            if client_gone is not None:
+            if self.client_gone is not None:
                 # A client that left stops its generation within a second (the reply has no reader);
                 # it then ends as Cancelled (499 in the access log).
                 while not self.seq.done.wait(DISCONNECT_POLL_S):
-                    if client_gone():
+                    if self.client_gone():
                         self.seq.cancel()
             self.seq.wait()
         finally:
@@ -145,33 +141,32 @@ class Run:
     def _record(self, r: Generation) -> None:
         """Token counts into the access log; prompt and reply into the opt-in history only."""
         job = self.job
-        path = job.fields.pop("path", "")
         job.fields.update(model=job.model_name, prompt_tokens=r.prompt_tokens, cached_prompt_tokens=r.reused_tokens,
                           tokens=r.tokens, ttft_ms=round(r.ttft_s * 1000, 1), finish_reason=r.finish_reason)
-        log_prompt(job.fields.get("request_id", ""), path, job.prompt, r.text, job.model_name)
-
-
-def streaming_response(body: Iterator[str], run: Run, mimetype: str) -> Response:
-    """A streamed response that gives the model back when the server closes it, however far the
-    client read (a client that disconnects stops its generation at the next token)."""
-    response = Response(body, mimetype=mimetype, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.call_on_close(run.close)
-    return response
+        log_prompt(job.fields.get("request_id", ""), job.path, job.prompt, r.text, job.model_name)
 
 
 def start(host: ModelManager, name: str | None, make_job: Callable[[LoadedModel], Job], *,
-          keep_alive_s: float | None = None, started: float | None = None, timeout_s: float | None = None) -> Run:
+          keep_alive_s: float | None = None, started: float | None = None, timeout_s: float | None = None,
+          fields: dict | None = None, path: str = "", client_gone: Callable[[], bool] | None = None) -> Run:
     """Lease the model `name` means (the default when empty; loading it if need be, within the
     request's deadline), build the job for it (`make_job` may render a chat template with the
     model), and submit it. The deadline is REQUEST_TIMEOUT_S after `started`, or the client's
-    shorter `timeout_s`. The lease ends with the run, or here if anything fails."""
+    shorter `timeout_s`. The lease ends with the run, or here if anything fails.
+
+    From the caller: `fields`, the dict its access log is written from (the run adds the model and
+    token counts); `path`, the endpoint the prompt history names; `client_gone`, a check that the
+    client has left (a non-streaming run then stops)."""
     started = time.perf_counter() if started is None else started
     deadline = started + min(host.settings.request_timeout_s, timeout_s or math.inf)
     lease = host.acquire(name, keep_alive_s=keep_alive_s, deadline=deadline)
     try:
         job = make_job(lease.model)
         job.deadline = deadline
-        return Run(host, lease, job)
+        if fields is not None:
+            job.fields = fields
+        job.path = path
+        return Run(host, lease, job, client_gone)
     except BaseException:
         lease.release()
         raise

@@ -15,42 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ai_engine_common.machine import physical_cores
 from engine.errors import SettingsError
+from engine.kv_types import FLOAT_KV_TYPES, KV_CACHE_TYPES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# KV cache element types (ggml type ids). Quantized V caches need flash attention.
-KV_CACHE_TYPES = {"f16": 1, "f32": 0, "bf16": 30, "q8_0": 8, "q5_1": 7, "q5_0": 6, "q4_1": 3, "q4_0": 2}
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's decode throughput)."""
-    try:
-        allowed = os.sched_getaffinity(0)
-    except AttributeError:  # macOS, Windows
-        return max(1, (os.cpu_count() or 2) // 2)
-    cores: set[tuple[str, str]] = set()
-    try:
-        cpu = phys = core = None
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "processor":
-                    cpu = int(value)
-                elif key == "physical id":
-                    phys = value
-                elif key == "core id":
-                    core = value
-                elif not key and cpu is not None:
-                    if cpu in allowed:
-                        cores.add((phys or "0", core if core is not None else str(cpu)))
-                    cpu = phys = core = None
-        if cpu is not None and cpu in allowed:
-            cores.add((phys or "0", core if core is not None else str(cpu)))
-    except OSError:
-        pass
-    return max(1, len(cores) or len(allowed))
 
 
 def _setting(env: str, help: str, default: Any = None, *, factory: Callable[[], Any] | None = None,
@@ -227,7 +196,7 @@ class Settings:
         if flash not in (True, False, "auto"):
             raise SettingsError(f"FLASH_ATTN must be auto, on or off, got {self.flash_attn!r}", field="FLASH_ATTN")
         object.__setattr__(self, "flash_attn", {True: "on", False: "off"}.get(flash, flash))  # normalised
-        if self.kv_cache_type not in ("f16", "f32", "bf16") and self.flash_attn == "off":
+        if self.kv_cache_type not in FLOAT_KV_TYPES and self.flash_attn == "off":
             raise SettingsError(f"KV_CACHE_TYPE={self.kv_cache_type} needs flash attention (FLASH_ATTN auto or "
                                 "on: llama.cpp quantizes the V cache only with it)", field="KV_CACHE_TYPE")
         from engine.offload import parse_gpu_layers  # numpy-heavy: only when settings are built

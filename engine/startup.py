@@ -78,7 +78,7 @@ def memory_budget(settings: Settings) -> tuple[int, int]:
     available now less RAM_HEADROOM; the VRAM free now on the visible GPUs less the planner's
     margin for each (0 on a CPU build or without a GPU)."""
     from engine import offload
-    from engine.doctor import memory_info
+    from ai_engine_common.machine import memory_info
 
     ram = ram_budget(settings.memory_budget_mb, memory_info()[1])
     vram = 0

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import subprocess
@@ -57,11 +56,12 @@ sys.path.insert(0, str(ROOT))
 
 import requests  # noqa: E402
 
+from ai_engine_common.machine import physical_cores, read_cpu_info  # noqa: E402
 from engine.default_model import ensure_default_model  # noqa: E402
 from engine.generation import SamplingParams  # noqa: E402
 from engine.patient import render_case_prompt  # noqa: E402
 from engine.runtime import flash_attn_type, sampler_chain  # noqa: E402
-from engine.settings import Settings, physical_cores  # noqa: E402
+from engine.settings import Settings  # noqa: E402
 from tests.server_process import start_server, stop_server  # noqa: E402
 
 NEW_TOKENS = 128
@@ -578,7 +578,7 @@ def main() -> int:
             parser.error(f"--{name} must be at least 1")
     global FLASH_ATTN
     FLASH_ATTN = args.flash_attn
-    machine = f"{cpu_name()}, {physical_cores()} cores, {args.threads} threads"
+    machine = f"{read_cpu_info().model}, {physical_cores()} cores, {args.threads} threads"
     parts = args.only or ["single", "interview", "concurrency"]
     if args.model != "default" and parts != ["class"]:
         parser.error("--model is for the class part only: use it with --only class")
@@ -610,16 +610,6 @@ def main() -> int:
     print("\n" + report)
     chart()
     return 0
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def save(part: str, header: str, result: tuple[list[str], dict]) -> None:

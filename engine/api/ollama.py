@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 
 from flask import Blueprint, current_app, jsonify
 
-from engine import __version__, gguf_info, service
+from engine import __version__, gguf_info
+from engine.api import service
 from engine.api import bodies, replies
 from engine.api import validation as v
 from engine.api.bodies import OLLAMA_DEFAULTS as DEFAULTS

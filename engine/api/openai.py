@@ -13,7 +13,7 @@ import uuid
 from flask import Blueprint, current_app, jsonify
 from werkzeug.exceptions import HTTPException
 
-from engine import service
+from engine.api import service
 from engine.api import bodies, replies
 from engine.api import validation as v
 from engine.errors import EngineError

@@ -11,7 +11,7 @@ import time
 
 from flask import Blueprint, current_app, jsonify
 
-from engine import service
+from engine.api import service
 from engine.api import bodies, replies
 from engine.api import validation as v
 from engine.errors import ModelLoadError, ModelRefused
