@@ -413,5 +413,7 @@ class Body:
 
     def schema(self) -> Schema:
         required = tuple(name for name, f in self.fields.items() if f.required)
-        extra = {"anyOf": [{"required": [n]} for n in self.one_of]} if self.one_of else {}
+        # Given means present and not null: each alternative requires the field's value itself.
+        extra = {"anyOf": [{"required": [n], "properties": {n: self.fields[n].shape()}} for n in self.one_of]} \
+            if self.one_of else {}
         return object_schema({name: f.schema() for name, f in self.fields.items()}, required, **extra)
