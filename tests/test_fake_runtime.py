@@ -246,7 +246,7 @@ def test_a_placement_that_fails_halfway_gives_its_slot_back(make, monkeypatch):
     """A failure after the slot was taken (a disk or llama.cpp error) ends that request with an
     error and leaves the slot free and empty: the next requests are served (it was lost before)."""
     eng = make(n_parallel=1, n_batch=64, n_ctx=2048)
-    original = eng._take_prefix
+    original = eng.sharing.take
     calls = []
 
     def failing(seq):
@@ -255,7 +255,7 @@ def test_a_placement_that_fails_halfway_gives_its_slot_back(make, monkeypatch):
             raise OSError("disk on fire")
         return original(seq)
 
-    monkeypatch.setattr(eng, "_take_prefix", failing)
+    monkeypatch.setattr(eng.sharing, "take", failing)
     with pytest.raises(EngineError, match="disk on fire"):
         ask(eng, CASE + "Estudiante: uno\nPaciente:").wait()
     assert eng.slots[0].seq is None and eng.slots[0].n_kv == 0

@@ -1,0 +1,125 @@
+"""Each scheduler step's batch: the next token of every decoding sequence, then chunks of the
+prompts being read, in the order they came, within the batch's room (N_BATCH) and, while others
+generate, a prefill budget (PREFILL_CHUNK, and PREFILL_STEP_S of reading at the measured speed),
+so that a long prompt slows the others' tokens down instead of stopping them. Chunks end where the
+slot policy says (row groups), and what each slot holds is recorded once the decode went in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.admission import DeadlineEstimator
+from engine.runtime import Runtime
+from engine.sequence import Sequence
+from engine.slot_policy import SlotPolicy
+
+PREFILL_STEP_S = 0.5  # at most this much prompt reading in a step while other requests generate
+
+
+class DecodeFailed(Exception):
+    """llama_decode failed: `sequences` are those whose tokens (or pending copies) it held."""
+
+    def __init__(self, cause: Exception, sequences: list[Sequence]) -> None:
+        super().__init__(str(cause))
+        self.cause, self.sequences = cause, sequences
+
+
+@dataclass(eq=False)
+class Batch:
+    """What one decode holds, as the runtime's batch was filled."""
+
+    decoding: list[Sequence]  # one token each
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt parts: the sequence, tokens
+    wants: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences to sample, and their logits row
+    saving: list[Sequence] = field(default_factory=list)  # prefixes to save to disk once the copies are made
+    placeholder: Sequence | None = None  # a saver's token decoded only so that the copies are made
+    n: int = 0  # rows in the batch
+
+    @property
+    def prefill_rows(self) -> int:
+        return self.n - len(self.decoding)
+
+    def held(self) -> list[Sequence]:
+        """The sequences whose tokens it held (or which wait on its copies to save)."""
+        return self.decoding + [seq for seq, _k in self.chunks] + self.saving
+
+
+class BatchBuilder:
+    """Fills the runtime's batch each step. `waits_for_leader(seq)`: whether a sequence waits for
+    another to read a shared prefix (PrefixSharing.waits_for_leader; it is then left out)."""
+
+    def __init__(self, runtime: Runtime, policy: SlotPolicy, estimator: DeadlineEstimator, prefill_chunk: int,
+                 waits_for_leader: Callable[[Sequence], bool]) -> None:
+        self.runtime, self.policy, self.estimator = runtime, policy, estimator
+        self.prefill_chunk = prefill_chunk
+        self.waits_for_leader = waits_for_leader
+
+    def prefill_rows(self) -> int:
+        """Prompt tokens a step may read while others generate: PREFILL_CHUNK, and no more than
+        PREFILL_STEP_S of reading at the measured speed (a 1B model on 2 cores reads 256 tokens in
+        about 2 s, which would hold every reply to one token per 2 s)."""
+        if not self.estimator.ready or self.estimator.row_s <= 0:
+            return self.prefill_chunk
+        by_time = int(PREFILL_STEP_S / self.estimator.row_s)
+        return min(self.prefill_chunk, max(4 * self.policy.min_rows, by_time))
+
+    def build(self, active: list[Sequence]) -> Batch:
+        """The batch of the `active` sequences (those in slots) for the next decode."""
+        rt = self.runtime
+        batch = Batch(decoding=[q for q in active if q.pending_token is not None])
+        prefilling = sorted((q for q in active if q.pending_token is None), key=lambda q: q.started)
+        rt.batch_clear()
+        for seq in batch.decoding:  # one token each: decoding never waits for a prompt to be read
+            batch.wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))
+        batch.n = len(batch.decoding)
+        # Then prompts, in chunks that fill the rest of the batch; while sequences are generating,
+        # at most `prefill_chunk` prompt tokens a step, so that their next tokens are not long in coming.
+        budget = min(rt.n_batch, batch.n + self.prefill_rows()) if batch.decoding else rt.n_batch
+        self._add_prompts(batch, prefilling, budget)
+        if batch.n == 0 and batch.saving:
+            # Nothing else to decode, but llama.cpp copies the cells only at a decode: decode the
+            # saver's next token, and drop it again (it is read properly next step, with its row group).
+            placeholder = batch.placeholder = batch.saving[0]
+            rt.batch_add(placeholder.slot.seq_id, int(placeholder.tokens[placeholder.disk_save]),
+                         placeholder.disk_save, False)
+            batch.n = 1
+        return batch
+
+    def _add_prompts(self, batch: Batch, prefilling: list[Sequence], budget: int) -> None:
+        rt = self.runtime
+        for seq in prefilling:
+            if self.waits_for_leader(seq):
+                continue
+            if seq.disk_save:  # it holds exactly the prefix once this decode has made the copy
+                batch.saving.append(seq)
+                continue
+            start, room = seq.n_prompt_done, budget - batch.n
+            if room <= 0:
+                break
+            end = self.policy.chunk_end(start, room, len(seq.tokens))
+            last = end == len(seq.tokens)
+            for pos, tok in enumerate(seq.tokens[start:end].tolist(), start):
+                rt.batch_add(seq.slot.seq_id, tok, pos, last and pos == end - 1)
+            batch.n += end - start
+            batch.chunks.append((seq, end - start))
+            if last:
+                batch.wants.append((seq, batch.n - 1))
+
+    def drop_placeholder(self, batch: Batch) -> None:
+        """The decode went in: take the placeholder token out again (before its slot is saved)."""
+        if batch.placeholder is not None:
+            self.runtime.seq_rm(batch.placeholder.slot.seq_id, batch.placeholder.disk_save, -1)
+
+    def record(self, batch: Batch) -> None:
+        """The decode went in: record what each sequence's cache now holds."""
+        for seq in batch.decoding:
+            slot = seq.slot
+            slot.kv[slot.n_kv] = seq.pending_token
+            slot.n_kv += 1
+            seq.pending_token = None
+        for seq, k in batch.chunks:
+            slot, start = seq.slot, seq.n_prompt_done
+            slot.kv[start:start + k] = seq.tokens[start:start + k]
+            slot.n_kv = seq.n_prompt_done = start + k
+            slot.n_exact = self.policy.exact_after(slot.n_exact, start, k)

@@ -1,0 +1,87 @@
+"""The scheduler's glue to the prompt cache on disk (engine/disk_cache.py): the longest saved
+prefix a prompt can continue from, restoring it into the prompt's slot, and saving a prefix that
+two requests share once its copy has landed, written to disk off the scheduler thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import numpy as np
+
+from engine.runtime import Runtime
+from engine.sequence import Sequence
+from engine.slot_policy import MIN_RESTORE_GAIN, SlotPolicy
+
+log = logging.getLogger(__name__)
+
+
+class DiskPrompts:
+    """`disk`: the model's DiskCache, enabled; the runtime and policy are the scheduler's."""
+
+    def __init__(self, disk, runtime: Runtime, policy: SlotPolicy, metrics=None) -> None:
+        self.disk, self.runtime, self.policy, self.metrics = disk, runtime, policy, metrics
+        self._writes: queue.Queue = queue.Queue()
+        self._writer = threading.Thread(target=self._write, name="prompt-cache-writer", daemon=True)
+        self._writer.start()
+
+    def hit(self, seq: Sequence):
+        """The longest prefix of `seq`'s prompt that the disk cache holds and that it can continue
+        from its end: (tokens, file), or None."""
+        prompt, policy = seq.tokens, self.policy
+        return self.disk.longest(prompt, lambda n: policy.restore_point(n, n, len(prompt)) == n)
+
+    def load(self, seq: Sequence, hit) -> bool:
+        """Restore the prefix `hit` (from `hit()`: a case prompt saved by an earlier class), when
+        that saves MIN_RESTORE_GAIN tokens over what the slot has. The caller makes sure no copy
+        reads the slot's cells at the next decode."""
+        if hit is None or hit[0] < seq.n_prompt_done + MIN_RESTORE_GAIN:
+            return False
+        state = self.disk.load(*hit)
+        if state is None:
+            return False
+        slot, rt = seq.slot, self.runtime
+        rt.seq_clear(slot.seq_id)
+        slot.clear()
+        if not rt.state_set(slot.seq_id, state):
+            log.warning("could not restore a state from the prompt cache on disk; reading the prompt")
+            rt.seq_clear(slot.seq_id)
+            seq.n_prompt_done = seq.reused = 0
+            return False
+        slot.restored(seq.tokens[:hit[0]])
+        seq.n_prompt_done = seq.reused = hit[0]
+        if self.metrics is not None:
+            self.metrics.cache_hits.labels(cache="disk").inc()
+        return True
+
+    def save_point(self, tokens: np.ndarray, shared: int) -> int:
+        """How much of a prefix of `shared` tokens that a copy gives `tokens` to save (0: none, or
+        the disk holds it already): the longest length whose state restores exactly."""
+        save = self.policy.state_point(shared)
+        if save and self.disk.contains(tokens[:save]):
+            save = 0
+        return save
+
+    def save(self, savers: list[Sequence]) -> None:
+        """After the decode that made their copies: each saver's slot holds exactly the prefix to
+        save (`disk_save` tokens); its state is written off the scheduler thread."""
+        for seq in savers:
+            state = self.runtime.state_get(seq.slot.seq_id)
+            if state:
+                self._writes.put((seq.tokens[:seq.disk_save].copy(), state))
+            seq.disk_save = 0
+
+    def _write(self) -> None:
+        """The writer thread: files are written off the scheduler thread."""
+        while True:
+            item = self._writes.get()
+            if item is None:
+                return
+            tokens, state = item
+            self.disk.put(tokens, state)
+
+    def close(self) -> None:
+        """Finish the files being written."""
+        self._writes.put(None)
+        self._writer.join()
