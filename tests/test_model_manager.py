@@ -226,7 +226,7 @@ def test_a_failed_load_reaches_every_waiting_request_and_leaves_others_serving(f
             raise ValueError("Failed to load model from file")
         return original(spec, n_gpu)
 
-    f.manager._runtime_factory = failing
+    f.manager.loader.runtime_factory = failing
     client = f.app().test_client()
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(lambda _: generate(client, model="broken"), range(3)))
