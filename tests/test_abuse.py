@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import REPO_ROOT
+from engine.settings import REPO_ROOT
 
 
 def test_abuse_run(tmp_path, default_model_file):

@@ -5,14 +5,12 @@ fake runtime and on the real model."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from engine.admission import DeadlineEstimator, DeadlineUnreachable, QueueFull, Workload
-from engine.generation import ReplyText, SamplingParams, StopRules
+from engine.admission import DeadlineEstimator, DeadlineUnreachable, QueueFull, RequestTimeout, Workload
+from engine.generation import SamplingParams
 from engine.scheduler import Scheduler
-from tests.fake_runtime import FakeRuntime
+from tests.helpers import Fakes, StepClock, fake_scheduler, real_scheduler, submit
 
 
 def measured(step_s: float = 0.02, row_s: float = 0.002, reply: float = 20) -> DeadlineEstimator:
@@ -67,34 +65,31 @@ def test_moving_averages_follow_the_machine():
 
 
 def ask(eng: Scheduler, prompt: str, max_tokens: int, timeout_s: float):
-    started = time.perf_counter()
-    return eng.submit(eng.tokenize(prompt), SamplingParams(temperature=0, max_tokens=max_tokens),
-                      ReplyText(StopRules()), started, started + timeout_s)
+    return submit(eng, prompt, SamplingParams(temperature=0, max_tokens=max_tokens), timeout_s=timeout_s)
 
 
-def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_and_the_others_stay_on_time():
-    """One slot, 10 ms a step, replies of 60 tokens (0.6 s each). After the engine has measured
-    itself, requests with a 2 s deadline queue up: the ones that fit are accepted and finish in
-    time, the next one is refused at once with a Retry-After, nobody runs late."""
+def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_and_the_others_stay_on_time(monkeypatch):
+    """One slot, 10 ms a step (StepClock: steps, not the machine, move the time), replies of 60
+    tokens (0.6 s each). After the engine has measured itself, 8 requests with a 2 s deadline
+    arrive together: the ones that fit are accepted and all finish (a request past its deadline
+    would end with a 504, RequestTimeout), the rest are refused by `submit` itself with a
+    Retry-After."""
     reply = "x" * 60
-    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=1, n_batch=64, n_ctx=512, reply=reply, step_delay_s=0.01),
-                    cache_bytes=0, max_queue=16)
+    eng = fake_scheduler("a.gguf", n_parallel=1, n_batch=64, n_ctx=512, reply=reply)
+    StepClock(0.01).install(monkeypatch, eng)
     try:
-        for i in range(2):  # warm-up: the engine measures its steps and its reply length
+        for i in range(20):  # warm-up: the engine measures its steps and its reply length
             ask(eng, f"calentamiento {i} " * 8, 100, 30).wait()
         accepted, refused = [], []
-        for i in range(8):
-            try:
-                accepted.append(ask(eng, f"estudiante {i} " * 8, 100, 2.0))
-            except DeadlineUnreachable as exc:
-                refused.append(exc)
-                started = time.perf_counter()
-        assert 1 <= len(accepted) < 8 and refused
+        with eng._cond:  # all 8 arrive before the scheduler's next step
+            for i in range(8):
+                try:
+                    accepted.append(ask(eng, f"estudiante {i} " * 8, 100, 2.0))
+                except DeadlineUnreachable as exc:
+                    refused.append(exc)
+        assert 2 <= len(accepted) <= 3 and len(refused) == 8 - len(accepted)  # 3 x 0.6 s fit in 2 s, 4 do not
         assert all(exc.status == 503 and int(exc.headers["Retry-After"]) >= 1 for exc in refused)
-        assert time.perf_counter() - started < 0.1  # refused at once, not after waiting
-        for seq in accepted:
-            result = seq.wait()
-            assert result.text == reply and result.total_s <= 2.0
+        assert [seq.wait().text for seq in accepted] == [reply] * len(accepted)
     finally:
         eng.close()
 
@@ -103,13 +98,8 @@ def test_the_client_deadline_over_http(tmp_path):
     """`timeout_s` (or X-Request-Timeout) is accepted on the simulator's route; values under a
     second, or not numbers, are a 400 that names the field or header (the refusal itself is
     tested on the scheduler above)."""
-    from tests.test_model_manager import Fakes
-
-    f = Fakes(tmp_path)
+    f = Fakes(tmp_path).load("a.gguf")
     try:
-        from engine.model_files import ModelSpec
-
-        f.manager.load(ModelSpec(f.dir / "a.gguf"))
         client = f.app().test_client()
         body = {"prompt": "Estudiante: Hola, ¿cómo estás hoy?\nPaciente:", "max_length": 200, "stop": []}
         assert client.post("/generate", json=body).status_code == 200  # measured once
@@ -124,40 +114,38 @@ def test_the_client_deadline_over_http(tmp_path):
         f.manager.close()
 
 
-def test_requests_accepted_before_the_speed_was_known_are_refused_once_it_is():
+def test_requests_accepted_before_the_speed_was_known_are_refused_once_it_is(monkeypatch):
     """Right after a start the engine has not measured itself and accepts everything. Once the
     first prompt step is measured, what is still waiting or not yet reading and cannot make its
-    deadline gets 503 at once, not 504 at the deadline; the one reading keeps its place."""
-    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=2, n_batch=64, n_ctx=4096, reply="x" * 40,
-                                step_delay_s=0.05), cache_bytes=0, max_queue=16)
+    deadline gets 503 before it, not 504 at the deadline; the one reading first keeps its place
+    and finishes in time."""
+    eng = fake_scheduler("a.gguf", n_parallel=2, n_batch=64, n_ctx=4096, reply="x" * 4)
+    StepClock(0.05).install(monkeypatch, eng)
     try:
-        started = time.perf_counter()
-        seqs = [ask(eng, f"caso {i} " * 200, 60, 1.5) for i in range(4)]  # 1,200 tokens each, 64 a step
-        ended = {}
-        while len(ended) < len(seqs) and time.perf_counter() - started < 10:
-            for i, seq in enumerate(seqs):
-                if i not in ended and seq.done.is_set():
-                    ended[i] = time.perf_counter() - started
-            time.sleep(0.005)
+        with eng._cond:  # all 4 accepted before the first step is measured
+            seqs = [ask(eng, f"caso {i} " * 200, 60, 1.5) for i in range(4)]  # 1,200 tokens each, 64 a step
         outcomes = []
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             try:
                 outcomes.append(seq.wait().finish_reason)
-            except DeadlineUnreachable as exc:
-                outcomes.append(("503", ended[i], int(exc.headers["Retry-After"])))
-            except Exception as exc:  # noqa: BLE001 - what else came back is the failure
+            except DeadlineUnreachable as exc:  # 503 before the deadline, where a 504 would come at it
+                outcomes.append(("503", int(exc.headers["Retry-After"])))
+            except Exception as exc:  # noqa: BLE001 - what else came back (RequestTimeout: 504) is the failure
                 outcomes.append(type(exc).__name__)
         refused = [o for o in outcomes if isinstance(o, tuple)]
-        assert len(refused) >= 2 and all(t < 1.5 and retry >= 1 for _s, t, retry in refused), outcomes
+        assert len(refused) >= 2 and all(retry >= 1 for _s, retry in refused), outcomes
+        assert outcomes[0] == "eos", outcomes
+        assert RequestTimeout.__name__ not in outcomes, outcomes
     finally:
         eng.close()
 
 
 def refused_at_once(eng: Scheduler, prompt: str) -> QueueFull:
-    started = time.perf_counter()
+    """`submit` itself raises: the request is refused, never queued to wait."""
+    waiting = eng.waiting
     with pytest.raises(QueueFull) as refused:
         ask(eng, prompt, 100, 30)
-    assert time.perf_counter() - started < 0.1
+    assert eng.waiting == waiting
     exc = refused.value
     assert exc.status == 503 and int(exc.headers["Retry-After"]) >= 1
     assert "MAX_QUEUE=0" in exc.message and "N_PARALLEL" in exc.message
@@ -168,11 +156,11 @@ def test_max_queue_0_takes_requests_while_a_slot_is_free_and_lets_none_wait():
     """MAX_QUEUE=0 is no waiting room, not "refuse everything": both slots take a request, a third
     is a 503 with Retry-After at once while they generate, and once they are done a slot takes
     the next one."""
-    eng = Scheduler(FakeRuntime("a.gguf", n_parallel=2, n_batch=64, n_ctx=512, reply="x" * 40, step_delay_s=0.005),
-                    cache_bytes=0, max_queue=0)
+    eng = fake_scheduler("a.gguf", n_parallel=2, n_batch=64, n_ctx=512, reply="x" * 40, max_queue=0)
     try:
-        first = [ask(eng, f"estudiante {i}", 100, 30) for i in range(2)]
-        refused_at_once(eng, "estudiante 2")
+        with eng._cond:  # the third arrives before either of the first two can finish
+            first = [ask(eng, f"estudiante {i}", 100, 30) for i in range(2)]
+            refused_at_once(eng, "estudiante 2")
         assert [seq.wait().text for seq in first] == ["x" * 40] * 2
         assert ask(eng, "estudiante 3", 100, 30).wait().text == "x" * 40
     finally:
@@ -181,21 +169,14 @@ def test_max_queue_0_takes_requests_while_a_slot_is_free_and_lets_none_wait():
 
 def test_max_queue_0_on_the_real_model(default_model_file):
     """The same on the real model, two sequences: both generate, the third is refused at once."""
-    import llama_cpp as L
-
-    from engine.runtime import LlamaRuntime
-
-    runtime = LlamaRuntime(default_model_file, n_ctx=256, n_parallel=2, n_batch=64, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    eng = Scheduler(runtime, cache_bytes=0, max_queue=0)
+    eng = real_scheduler(default_model_file, n_ctx=256, n_parallel=2, n_batch=64, max_queue=0)
     params = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=32)
     try:
-        started = time.perf_counter()
-        first = [eng.submit(eng.tokenize(f"Números: {n}, {n + 1}, {n + 2},"), params, ReplyText(StopRules()),
-                            started, started + 60) for n in (101, 517)]
-        refused_at_once(eng, "Números: 7, 8, 9,")
+        with eng._cond:  # the third arrives before either of the first two can finish
+            first = [submit(eng, f"Números: {n}, {n + 1}, {n + 2},", params) for n in (101, 517)]
+            refused_at_once(eng, "Números: 7, 8, 9,")
         results = [seq.wait() for seq in first]
         assert all(r.text and r.tokens == 32 for r in results), results
-        assert ask(eng, "Números: 7, 8, 9,", 8, 60).wait().tokens == 8
+        assert ask(eng, "Números: 7, 8, 9,", 8, 600).wait().tokens == 8
     finally:
         eng.close()

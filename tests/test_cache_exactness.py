@@ -10,40 +10,15 @@ flash attention.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from engine.generation import SamplingParams
 from engine.patient import render_case_prompt, reply_text
-from engine.runtime import LlamaRuntime
 from engine.scheduler import Scheduler
+from tests.helpers import cache_scheduler, long_history, real_scheduler, simulator_reply, submit
 
 QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
              "¿Qué te gustaría que cambie?"]
-PARAMS = SamplingParams(temperature=0, max_tokens=24)  # the simulator's temperature-0 call (repeat penalty on)
-
-
-def make(model_file, *, cache: bool, n_parallel: int, flash_attn: str = "off") -> Scheduler:
-    import llama_cpp as L
-
-    runtime = LlamaRuntime(model_file, n_ctx=2048, n_parallel=n_parallel, n_batch=512, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn=flash_attn, kv_type=L.GGML_TYPE_F16)
-    return Scheduler(runtime, cache_bytes=(256 << 20) if cache else 0, max_queue=8)
-
-
-def generate(eng: Scheduler, prompt: str):
-    started = time.perf_counter()
-    seq = eng.submit(eng.tokenize(prompt), PARAMS, reply_text(None), started, started + 300)
-    return seq.wait()
-
-
-def long_history(case: dict, exchanges: int) -> list[list[str]]:
-    """The case's transcript with `exchanges` more question-answer pairs before its last question."""
-    turns = [list(t) for t in case["turnos"]]
-    filler = [["Paciente", "No sé, la verdad, me cuesta mucho hablar de esto."],
-              ["Estudiante", "¿Y cómo te sentís con eso, en general?"]]
-    return turns[:-1] + filler * exchanges + turns[-1:]
 
 
 def interview(cached: Scheduler, fresh: Scheduler, cases: list[dict], turns: int, exchanges: int) -> list[float]:
@@ -54,7 +29,7 @@ def interview(cached: Scheduler, fresh: Scheduler, cases: list[dict], turns: int
     for turn in range(turns):
         for case in cases:
             prompt = render_case_prompt(dict(case, turnos=history[case["id"]]))
-            a, b = generate(cached, prompt), generate(fresh, prompt)
+            a, b = simulator_reply(cached, prompt), simulator_reply(fresh, prompt)
             assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob), (turn, case["id"])
             assert b.reused_tokens == 0
             if turn > 0:
@@ -65,7 +40,7 @@ def interview(cached: Scheduler, fresh: Scheduler, cases: list[dict], turns: int
 
 @pytest.fixture(scope="module")
 def fresh(default_model_file):
-    eng = make(default_model_file, cache=False, n_parallel=1)
+    eng = cache_scheduler(default_model_file, cache=False, n_parallel=1)
     yield eng
     eng.close()
 
@@ -75,7 +50,7 @@ def test_long_interviews_each_in_its_slot(default_model_file, fresh, cases):
     students on the same case whose transcripts differ only from their last question on; each reads
     a handful of tokens a turn and answers as without the cache."""
     twin = dict(cases[0], id="twin", turnos=cases[0]["turnos"][:-1] + [["Estudiante", "¿Y tu familia qué dice?"]])
-    eng = make(default_model_file, cache=True, n_parallel=4)
+    eng = cache_scheduler(default_model_file, cache=True, n_parallel=4)
     try:
         reused = interview(eng, fresh, cases + [twin], turns=3, exchanges=20)
         assert min(reused) > 0.95, reused
@@ -89,13 +64,13 @@ def test_long_interviews_through_saved_states(default_model_file, fresh, cases):
     state from the conversation cache (only the window's last cells are kept). Then a new interview
     that shares only the opening lands in that slot: it must not continue from the restored state,
     which lacks the opening's cells in its sliding-window layers."""
-    eng = make(default_model_file, cache=True, n_parallel=1)
+    eng = cache_scheduler(default_model_file, cache=True, n_parallel=1)
     try:
         reused = interview(eng, fresh, cases, turns=3, exchanges=20)
         assert min(reused) > 0.85, reused
         assert eng.cache.hits >= 6
         newcomer = render_case_prompt(cases[0])  # the first case's first turn: shares the opening
-        a, b = generate(eng, newcomer), generate(fresh, newcomer)
+        a, b = simulator_reply(eng, newcomer), simulator_reply(fresh, newcomer)
         assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob)
     finally:
         eng.close()
@@ -106,14 +81,14 @@ def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
     query tile), so the cache stays exact there too: interviews in their own slots, and long ones
     sharing one slot (states past the window are then not saved: restored, they hold fewer cells,
     and the flash-attention decode kernel splits its work by the number of cells)."""
-    fresh = make(default_model_file, cache=False, n_parallel=1, flash_attn="on")
+    fresh = cache_scheduler(default_model_file, cache=False, n_parallel=1, flash_attn="on")
     try:
-        cached = make(default_model_file, cache=True, n_parallel=4, flash_attn="on")
+        cached = cache_scheduler(default_model_file, cache=True, n_parallel=4, flash_attn="on")
         try:
             assert min(interview(cached, fresh, cases, turns=3, exchanges=0)) > 0.6
         finally:
             cached.close()
-        cached = make(default_model_file, cache=True, n_parallel=1, flash_attn="on")
+        cached = cache_scheduler(default_model_file, cache=True, n_parallel=1, flash_attn="on")
         try:
             interview(cached, fresh, cases, turns=2, exchanges=20)
             assert cached.cache.hits == 0
@@ -127,16 +102,11 @@ def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
 def test_a_batch_smaller_than_the_minimum_rows_still_reads_the_prompt(default_model_file, n_batch):
     """N_BATCH below MIN_ROWS: prompt parts cannot keep the exactness rules, and must not wait for
     room that never comes (the request timed out with no token before)."""
-    import llama_cpp as L
-
-    runtime = LlamaRuntime(default_model_file, n_ctx=512, n_parallel=2, n_batch=n_batch, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    eng = Scheduler(runtime, cache_bytes=64 << 20, max_queue=4)
+    eng = real_scheduler(default_model_file, n_ctx=512, n_parallel=2, n_batch=n_batch, cache_bytes=64 << 20)
     try:
-        started = time.perf_counter()
         prompt = "Estudiante: Hola, ¿cómo estás? Contame qué te trae por acá hoy.\nPaciente:"
-        seq = eng.submit(eng.tokenize(prompt), SamplingParams(temperature=0, max_tokens=8), reply_text(None), started,
-                         started + 30)
+        # The deadline only keeps a regression from hanging the suite: a prompt that never fits times out.
+        seq = submit(eng, prompt, SamplingParams(temperature=0, max_tokens=8), reply_text(None), timeout_s=30)
         assert seq.wait().tokens > 0
     finally:
         eng.close()

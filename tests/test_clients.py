@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from engine.patient import render_case_prompt
-from tests.conftest import DEFAULT_MODEL
+from tests.helpers import DEFAULT_MODEL
 
 MODEL_ID = DEFAULT_MODEL  # what /v1/models lists
 OLLAMA_NAME = DEFAULT_MODEL.removesuffix(".gguf") + ":latest"  # what /api/tags lists

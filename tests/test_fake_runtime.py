@@ -4,7 +4,6 @@ fake itself behaving as llama.cpp does where the scheduler relies on it. No mode
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -14,6 +13,7 @@ from engine.generation import ReplyText, SamplingParams, StopRules
 from engine.runtime import RuntimeClosed
 from engine.scheduler import Scheduler
 from tests.fake_runtime import BOS, EOS, FakeRuntime, byte_tokens
+from tests.helpers import StepClock, fake_scheduler, submit, wait_until
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=100)
 SAMPLED = SamplingParams(temperature=0.9, seed=7, max_tokens=100)
@@ -25,7 +25,7 @@ def make():
     made = []
 
     def build(path="fake-a.gguf", *, cache_bytes=64 << 20, max_queue=16, **kwargs) -> Scheduler:
-        eng = Scheduler(FakeRuntime(path, **kwargs), cache_bytes=cache_bytes, max_queue=max_queue)
+        eng = fake_scheduler(path, cache_bytes=cache_bytes, max_queue=max_queue, **kwargs)
         made.append(eng)
         return eng
 
@@ -35,8 +35,7 @@ def make():
 
 
 def ask(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY, timeout_s: float = 10):
-    started = time.perf_counter()
-    return eng.submit(eng.tokenize(prompt), params, ReplyText(StopRules()), started, started + timeout_s)
+    return submit(eng, prompt, params, timeout_s=timeout_s)
 
 
 def test_concurrent_requests_each_get_the_models_reply(make):
@@ -72,9 +71,7 @@ def test_max_tokens_and_stops_end_the_reply(make):
     eng = make(reply="uno, dos, tres")
     cut = ask(eng, "Contá", SamplingParams(temperature=0, max_tokens=4)).wait()
     assert (cut.text, cut.finish_reason) == ("uno,", "length")
-    started = time.perf_counter()
-    stopped = eng.submit(eng.tokenize("Contá"), GREEDY, ReplyText(StopRules(strings=[", tres"])), started,
-                         started + 10).wait()
+    stopped = submit(eng, "Contá", GREEDY, ReplyText(StopRules(strings=[", tres"])), timeout_s=10).wait()
     assert (stopped.text, stopped.finish_reason) == ("uno, dos", "stop")
 
 
@@ -115,8 +112,11 @@ def test_without_the_cache_nothing_is_reused(make):
     assert [ask(eng, prompt).wait().reused_tokens for _ in range(2)] == [0, 0]
 
 
-def test_a_slow_decode_runs_into_the_deadline(make):
-    eng = make(n_parallel=1, step_delay_s=0.02)
+def test_a_slow_decode_runs_into_the_deadline(make, monkeypatch):
+    """20 ms a step (StepClock: steps, not the machine, move the time) against a 0.1 s deadline:
+    the reply, 28 steps long, is cut by a RequestTimeout and its slot is free again."""
+    eng = make(n_parallel=1)
+    StepClock(0.02).install(monkeypatch, eng)
     with pytest.raises(RequestTimeout):
         ask(eng, "Hola", timeout_s=0.1).wait()
     assert eng.active == 0
@@ -215,10 +215,11 @@ def test_a_follower_whose_leader_is_cancelled_reads_on_its_own(make):
     eng = make(n_parallel=2, n_batch=16, n_ctx=2048, step_delay_s=0.002)
     leader = ask(eng, CASE + "Estudiante: uno\nPaciente:")
     follower = ask(eng, CASE + "Estudiante: dos\nPaciente:")
-    time.sleep(0.02)
+    wait_until(lambda: leader.n_prompt_done >= 64, interval_s=0.001, what="the leader to read part of the case")
     leader.cancel()
     result = follower.wait()  # it copies what the leader had read (kept in its slot) and reads on
-    assert result.text == "Me siento bien, soy fake-a." and result.reused_tokens % 4 == 0
+    assert result.text == "Me siento bien, soy fake-a."
+    assert result.reused_tokens >= 64 and result.reused_tokens % 4 == 0, result.reused_tokens
 
 
 def test_no_sharing_without_the_cache(make):

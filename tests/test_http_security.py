@@ -15,7 +15,7 @@ import requests
 
 from engine.errors import SettingsError
 from engine.settings import Settings
-from tests.conftest import _server_fixture
+from tests.helpers import server_fixture
 from tests.server_process import free_port
 
 KEY = "k3y-from-a-file"
@@ -26,9 +26,9 @@ BODY = b'{"prompt": "Estudiante: Hola.\\nPaciente:", "max_length": 3}'
 def guarded(model_dir, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secret") / "engine_api_key"
     key_file.write_text(KEY + "\n")
-    yield from _server_fixture(model_dir, tmp_path_factory, ENGINE_API_KEY_FILE=str(key_file),
-                               READ_TIMEOUT_S="2", IDLE_TIMEOUT_S="2", CLIENT_CONNECTION_LIMIT="4",
-                               MAX_BODY_BYTES="65536", RESPONSE_CACHE_SIZE="0")
+    yield from server_fixture(model_dir, tmp_path_factory, ENGINE_API_KEY_FILE=str(key_file),
+                              READ_TIMEOUT_S="2", IDLE_TIMEOUT_S="2", CLIENT_CONNECTION_LIMIT="4",
+                              MAX_BODY_BYTES="65536", RESPONSE_CACHE_SIZE="0", REQUEST_TIMEOUT_S="600")
 
 
 def address(server) -> tuple[str, int]:
@@ -111,15 +111,15 @@ def test_one_address_cannot_hold_every_connection(guarded):
 
 
 def test_idle_connections_are_closed_but_a_long_answer_is_not(guarded):
-    """IDLE_TIMEOUT_S=2: an idle socket is closed; a generation longer than that is answered."""
+    """IDLE_TIMEOUT_S=2: an idle socket is closed; a 150-token generation (longer than that on a
+    CPU) is answered whole. That a request in progress is never idle, whatever the machine's
+    speed, is shown by test_a_slow_application_is_not_cut_by_the_idle_timeout."""
     with connect(guarded) as idle:
         assert closed_by_server(idle)  # blocks until the server closes it (the socket timeout is 30 s)
-    body = {"prompt": "Números: 1, 2, 3, 4, 5,", "max_length": 400, "stop": [], "temperature": 0,
+    body = {"prompt": "Números: 1, 2, 3, 4, 5,", "max_length": 150, "stop": [], "temperature": 0,
             "repeat_penalty": 1.0}
-    started = time.monotonic()
-    r = requests.post(guarded.url + "/generate", json=body, headers=authorized(), timeout=120)
-    assert r.status_code == 200 and r.json()["metadata"]["tokens"] == 400
-    assert time.monotonic() - started > 2, "the generation was too quick to show anything"
+    r = requests.post(guarded.url + "/generate", json=body, headers=authorized(), timeout=600)
+    assert r.status_code == 200 and r.json()["metadata"]["tokens"] == 150
 
 
 def session_from(ip: str) -> requests.Session:

@@ -7,71 +7,14 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import gguf
 import httpx
 import ollama
 import pytest
 
-from engine.app import create_app
 from engine.model_files import ModelSpec
-from engine.model_manager import LoadForbidden, ModelManager, ModelsBusy
-from engine.settings import Settings
-from tests.fake_runtime import FakeRuntime
-
-MiB = 1 << 20
-ALIAS_FILE = "Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"  # models/catalog.toml: llama3.1:8b
-
-
-def tiny_gguf(path: Path) -> Path:
-    """A GGUF with a header and metadata only: enough for the file checks and /api/tags."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(path.stem)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    writer.add_block_count(1)
-    writer.add_embedding_length(8)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
-class Fakes:
-    """A manager on fake runtimes, with what the tests look at."""
-
-    def __init__(self, tmp_path: Path, *, sizes: dict[str, int] | None = None, step_delay_s: float = 0.0,
-                 load_delay_s: float = 0.0, **settings) -> None:
-        self.dir = tmp_path / "models"
-        for name in ("a.gguf", "b.gguf", "c.gguf", ALIAS_FILE):
-            tiny_gguf(self.dir / name)
-        self.settings = Settings.load(env={}, **{"model_path": self.dir, "n_ctx": 256, "n_parallel": 2,
-                                                 "n_batch": 64, "request_timeout_s": 5,
-                                                 "prompt_cache_dir": str(tmp_path / "prompt-cache"), **settings})
-        self.sizes = sizes or {}
-        self.step_delay_s, self.load_delay_s = step_delay_s, load_delay_s
-        self.loads: list[str] = []
-        self.runtimes: list[FakeRuntime] = []
-        self.manager = ModelManager(self.settings, runtime_factory=self.runtime, planner=self.plan)
-
-    def runtime(self, spec: ModelSpec, n_gpu: int) -> FakeRuntime:
-        self.loads.append(spec.path.name)
-        time.sleep(self.load_delay_s)
-        rt = FakeRuntime(spec.path, n_ctx=self.settings.n_ctx, n_parallel=self.settings.n_parallel,
-                         n_batch=self.settings.n_batch, reply=f"Soy {spec.path.stem}.", step_delay_s=self.step_delay_s)
-        self.runtimes.append(rt)
-        return rt
-
-    def plan(self, spec: ModelSpec) -> tuple[int, int, int, str]:
-        return 0, self.sizes.get(spec.path.name, 100 * MiB), 0, f"fake plan for {spec.path.name}"
-
-    def names(self) -> set[str]:
-        return {m.name for m in self.manager.resident()}
-
-    def app(self):
-        return create_app(self.settings, self.manager)
+from engine.model_manager import LoadForbidden, ModelsBusy
+from tests.helpers import ALIAS_FILE, Fakes, MiB, tiny_gguf, wait_until
 
 
 @pytest.fixture
@@ -177,8 +120,7 @@ def test_a_busy_model_drains_and_then_makes_room(fakes):
 
     t = threading.Thread(target=ask_b)
     t.start()
-    while not busy.model.retiring:  # b's load has asked a to stop taking requests
-        time.sleep(0.01)
+    wait_until(lambda: busy.model.retiring, interval_s=0.01, what="b's load to ask a to stop taking requests")
     with pytest.raises(ModelsBusy):  # a takes no new request now; it would wait for room behind b
         f.manager.acquire("a", deadline=time.perf_counter() + 0.1)
     assert not busy.model.engine.runtime.closed
@@ -249,9 +191,7 @@ def test_keep_alive_expiry_and_negative_keeps_it(fakes):
     assert generate(client, model="b").status_code == 200  # KEEP_ALIVE: 200 ms
     assert generate(client, model="c", keep_alive=-1).status_code == 200  # forever
     assert generate(client, model="a", keep_alive="1h").status_code == 200
-    deadline = time.monotonic() + 10
-    while "b.gguf" in f.names() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "b.gguf" not in f.names(), timeout_s=10, what="b's keep_alive to expire")
     assert f.names() == {"a.gguf", "c.gguf"}
     ps = {m["name"]: m for m in client.get("/api/ps").get_json()["models"]}
     assert ps["c:latest"]["expires_at"] > "2200"  # Ollama's "never"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.patient import render_case_prompt
-from tests.conftest import DATA
+from tests.helpers import DATA
 
 CLIENT = Path(__file__).parent / "node" / "backend_client.mjs"
 

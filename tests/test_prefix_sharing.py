@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from engine.patient import render_case_prompt
-from tests.test_cache_exactness import generate, long_history, make
+from tests.helpers import cache_scheduler, long_history, simulator_reply
 
 QUESTIONS = ["¿Qué te trae por acá?", "¿Cómo dormís últimamente?", "¿Con quién vivís?", "¿Tomás alguna medicación?"]
 
@@ -27,7 +27,7 @@ def student_prompt(case: dict, exchanges: int, question: str) -> str:
 
 @pytest.fixture(scope="module")
 def fresh(default_model_file):
-    eng = make(default_model_file, cache=False, n_parallel=1)
+    eng = cache_scheduler(default_model_file, cache=False, n_parallel=1)
     yield eng
     eng.close()
 
@@ -37,13 +37,13 @@ def test_a_copied_case_prompt_answers_as_a_cold_read(default_model_file, fresh, 
     """Students one after the other on each case: the first reads the case, each next one copies it
     from a classmate's sequence (busy or done) and reads only their question, and every reply (text
     and confianza) is the one a cold read of the whole prompt gives."""
-    eng = make(default_model_file, cache=True, n_parallel=4)
+    eng = cache_scheduler(default_model_file, cache=True, n_parallel=4)
     try:
         for case in cases:
             shared_before = eng.shared_tokens
             for i, question in enumerate(QUESTIONS):
                 prompt = student_prompt(case, exchanges, question)
-                a, b = generate(eng, prompt), generate(fresh, prompt)
+                a, b = simulator_reply(eng, prompt), simulator_reply(fresh, prompt)
                 assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob), (case["id"], question)
                 if i:  # everything but the question is shared
                     assert a.reused_tokens > a.prompt_tokens - 24, (a.reused_tokens, a.prompt_tokens)
@@ -56,13 +56,13 @@ def test_a_copied_case_prompt_answers_as_a_cold_read(default_model_file, fresh, 
 def test_a_class_arriving_at_once_reads_the_case_once(default_model_file, cases):
     """Four students of one case at once: one reads the case prompt, the other three wait for it and
     copy it; the prompt tokens read are about one case plus four questions."""
-    eng = make(default_model_file, cache=True, n_parallel=4)
+    eng = cache_scheduler(default_model_file, cache=True, n_parallel=4)
     try:
         prompts = [student_prompt(cases[0], 20, q) for q in QUESTIONS]
         results = [None] * 4
 
         def ask(i: int) -> None:
-            results[i] = generate(eng, prompts[i])
+            results[i] = simulator_reply(eng, prompts[i])
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for t in threads:
@@ -79,15 +79,9 @@ def test_a_class_arriving_at_once_reads_the_case_once(default_model_file, cases)
 
 
 def make_with_disk(model_file, folder):
-    import llama_cpp as L
-
     from engine.disk_cache import DiskCache
-    from engine.runtime import LlamaRuntime
-    from engine.scheduler import Scheduler
 
-    runtime = LlamaRuntime(model_file, n_ctx=2048, n_parallel=2, n_batch=512, n_threads=2, n_threads_batch=2,
-                           n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    return Scheduler(runtime, cache_bytes=256 << 20, max_queue=8, disk=DiskCache(folder, 1 << 30, "gemma"))
+    return cache_scheduler(model_file, cache=True, n_parallel=2, disk=DiskCache(folder, 1 << 30, "gemma"))
 
 
 def test_the_case_prompt_survives_a_restart_on_disk(default_model_file, fresh, cases, tmp_path):
@@ -97,15 +91,15 @@ def test_the_case_prompt_survives_a_restart_on_disk(default_model_file, fresh, c
     prompts = [student_prompt(cases[1], 20, q) for q in QUESTIONS]
     eng = make_with_disk(default_model_file, tmp_path)
     try:
-        generate(eng, prompts[0])
-        assert generate(eng, prompts[1]).reused_tokens > 0
+        simulator_reply(eng, prompts[0])
+        assert simulator_reply(eng, prompts[1]).reused_tokens > 0
     finally:
         eng.close()  # the file being written is finished first
     files = list(tmp_path.glob("gemma/*.kv"))
     assert len(files) == 1
     eng = make_with_disk(default_model_file, tmp_path)
     try:
-        a, b = generate(eng, prompts[2]), generate(fresh, prompts[2])
+        a, b = simulator_reply(eng, prompts[2]), simulator_reply(fresh, prompts[2])
         assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob)
         assert a.reused_tokens > a.prompt_tokens - 24 - 64, (a.reused_tokens, a.prompt_tokens)
         assert eng.disk.stats["hits"] == 1
@@ -116,7 +110,7 @@ def test_the_case_prompt_survives_a_restart_on_disk(default_model_file, fresh, c
     files[0].write_bytes(bytes(data))
     eng = make_with_disk(default_model_file, tmp_path)
     try:
-        a, b = generate(eng, prompts[3]), generate(fresh, prompts[3])
+        a, b = simulator_reply(eng, prompts[3]), simulator_reply(fresh, prompts[3])
         assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob) and a.reused_tokens == 0
         assert not files[0].exists() and eng.disk.stats["corrupt"] == 1
     finally:

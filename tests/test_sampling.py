@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from engine.generation import ReplyText, SamplingParams, StopRules
+from engine.generation import SamplingParams
 from engine.patient import render_case_prompt
-from engine.runtime import LlamaRuntime, sampler_chain
+from engine.runtime import sampler_chain
 from engine.scheduler import Scheduler
+from tests.helpers import real_scheduler, submit
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0, repeat_penalty=1.0)
 
 
 @pytest.fixture(scope="module")
 def engine(default_model_file):
-    import llama_cpp as L
-
-    runtime = LlamaRuntime(default_model_file, n_ctx=1024, n_parallel=1, n_batch=512, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    eng = Scheduler(runtime, cache_bytes=0, max_queue=4)
+    eng = real_scheduler(default_model_file, n_ctx=1024, n_parallel=1)
     yield eng
     eng.close()
 
 
 def generate(eng: Scheduler, prompt: str, params: SamplingParams):
-    started = time.perf_counter()
-    seq = eng.submit(eng.tokenize(prompt), params, ReplyText(StopRules()), started, started + 120)
-    return seq.wait()
+    return submit(eng, prompt, params).wait()
 
 
 def test_plain_greedy_takes_the_argmax_and_matches_llama_cpp_greedy_sampler(engine, cases, monkeypatch):

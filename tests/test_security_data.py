@@ -24,7 +24,7 @@ from engine import logs
 from engine.disk_cache import DiskCache, token_key
 from engine.errors import SettingsError
 from engine.settings import REPO_ROOT, Settings
-from tests.conftest import DEFAULT_MODEL
+from tests.helpers import DEFAULT_MODEL
 from tests.server_process import Server, free_port, stop_server
 
 UMASKS = [0o022, 0o000]

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from engine.catalog import load_catalog
-from tests.conftest import REPO_ROOT
+from engine.settings import REPO_ROOT
 
 
 def setup_sh(snippet: str, **env: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,6 @@
-"""The simulator contract, over real HTTP, against a running engine on the real default model."""
+"""The simulator contract, over real HTTP, against a running engine on the real default model; the
+refusals of bad input, which no model takes part in, against the same app and HTTP server on the
+fake runtime (`fake_server`)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,9 @@ import pytest
 import requests
 
 from engine.patient import SPEAKERS, render_case_prompt
-from tests.conftest import DEFAULT_MODEL
+from tests.helpers import DEFAULT_MODEL, post
 
 LABEL = re.compile(r"(^|\n)\s*(%s)\s*:" % "|".join(SPEAKERS), re.IGNORECASE)
-
-
-def post(server, path, body=None, **kwargs):
-    return requests.post(server.url + path, json=body, timeout=120, **kwargs)
 
 
 def assert_healthy(server):
@@ -81,24 +79,36 @@ def test_reply_is_spanish(server, cases):
     assert len(words & spanish) >= 3, replies
 
 
-def test_temperature_zero_is_deterministic(server, cases):
+def test_temperature_zero_is_deterministic(server_generating, cases):
+    """Both replies are generated (the response cache is off on this server: a replay would
+    prove nothing)."""
     body = {"prompt": render_case_prompt(cases[0]), "temperature": 0, "max_length": 60}
-    first, second = post(server, "/generate", body).json(), post(server, "/generate", body).json()
-    assert first["texto"] == second["texto"]
+    first, second = (post(server_generating, "/generate", body).json() for _ in range(2))
+    assert first["metadata"]["cached"] is False and second["metadata"]["cached"] is False
+    assert first["texto"] and first["texto"] == second["texto"]
     assert first["metadata"]["tokens"] == second["metadata"]["tokens"]
+    assert first["confianza"] == second["confianza"]
 
 
-def test_same_seed_same_reply(server, cases):
-    body = {"prompt": render_case_prompt(cases[2]), "temperature": 1.0, "seed": 1234, "max_length": 40}
-    assert post(server, "/generate", body).json()["texto"] == post(server, "/generate", body).json()["texto"]
+def test_same_seed_same_reply(server_generating, cases):
+    """A seed fixes the sampled reply, generated twice (no response cache), and the seed is what
+    fixes it: other seeds give other replies."""
+    body = {"prompt": render_case_prompt(cases[2]), "temperature": 1.0, "max_length": 40}
+    first, again = (post(server_generating, "/generate", {**body, "seed": 1234}).json() for _ in range(2))
+    assert first["metadata"]["cached"] is False and again["metadata"]["cached"] is False
+    assert first["texto"] and first["texto"] == again["texto"]
+    others = {post(server_generating, "/generate", {**body, "seed": seed}).json()["texto"] for seed in (1, 2, 3)}
+    assert others - {first["texto"]}, others
 
 
 @pytest.mark.parametrize("max_length", [1, 5, 17])
 def test_max_length_counts_new_tokens(server, cases, max_length):
+    """`stop: []` at temperature 0: the reply runs to exactly max_length new tokens (a limit that
+    counted the prompt, over 100 tokens, would leave none)."""
     body = post(server, "/generate", {"prompt": render_case_prompt(cases[0]), "max_length": max_length,
-                                      "temperature": 0.7, "stop": []}).json()
-    assert body["metadata"]["tokens"] <= max_length
-    assert body["metadata"]["prompt_tokens"] > max_length  # new tokens, not prompt + reply
+                                      "temperature": 0, "stop": []}).json()
+    assert body["metadata"]["finish_reason"] == "length", body
+    assert body["metadata"]["tokens"] == max_length
 
 
 def test_empty_stop_list_runs_to_max_length(server, cases):
@@ -161,15 +171,16 @@ BAD_BODIES = [
 
 
 @pytest.mark.parametrize("body,field", BAD_BODIES)
-def test_bad_bodies_are_400_naming_the_field(server, body, field):
+def test_bad_bodies_are_400_naming_the_field(fake_server, body, field):
+    """Validation only, so on the fake runtime (the Ray tests send a few to the real model)."""
     if field is None:
         body = {**body, "max_length": 3}
-        assert post(server, "/generate", body).status_code == 200
+        assert post(fake_server, "/generate", body).status_code == 200
         return
-    r = post(server, "/generate", body)
+    r = post(fake_server, "/generate", body)
     assert r.status_code == 400, r.text
     assert field in r.json()["error"]
-    assert_healthy(server)
+    assert_healthy(fake_server)
 
 
 @pytest.mark.parametrize("data,content_type", [
@@ -184,29 +195,29 @@ def test_bad_bodies_are_400_naming_the_field(server, body, field):
     ('{"prompt": "Hola", "\\udfff": 1}', "application/json"),
     (b'{"prompt": "Hola \xff\xfe"}', "application/json"),  # not UTF-8
 ])
-def test_non_json_bodies_are_400(server, data, content_type):
-    r = requests.post(server.url + "/generate", data=data, headers={"Content-Type": content_type}, timeout=30)
+def test_non_json_bodies_are_400(fake_server, data, content_type):
+    r = requests.post(fake_server.url + "/generate", data=data, headers={"Content-Type": content_type}, timeout=30)
     assert r.status_code == 400, r.text
     assert "JSON" in r.json()["error"] or "surrogate" in r.json()["error"]
-    assert_healthy(server)
+    assert_healthy(fake_server)
 
 
 @pytest.mark.parametrize("path", ["/generate", "/api/generate", "/api/chat", "/v1/chat/completions", "/load-model"])
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; "
                                           "boundary=x", None])
-def test_a_body_not_sent_as_json_is_415(server, path, content_type):
+def test_a_body_not_sent_as_json_is_415(fake_server, path, content_type):
     """A web page can POST text/plain, a form or a body without type cross-site with no CORS
     preflight; the engine does not read those as JSON (it once did, like Ollama)."""
     body = json.dumps({"prompt": "Hola", "model": DEFAULT_MODEL, "max_length": 3,
                        "messages": [{"role": "user", "content": "Hola"}], "model_name": DEFAULT_MODEL}).encode()
     headers = {} if content_type is None else {"Content-Type": content_type}
-    r = requests.post(server.url + path, data=body, headers=headers, timeout=30)
+    r = requests.post(fake_server.url + path, data=body, headers=headers, timeout=30)
     assert r.status_code == 415, r.text
     assert "application/json" in json.dumps(r.json())
-    ok = requests.post(server.url + "/generate", data=body, headers={"Content-Type": "application/json; charset=utf-8"},
-                       timeout=60)
+    ok = requests.post(fake_server.url + "/generate", data=body,
+                       headers={"Content-Type": "application/json; charset=utf-8"}, timeout=60)
     assert ok.status_code == 200, ok.text
-    assert_healthy(server)
+    assert_healthy(fake_server)
 
 
 def test_a_request_id_is_kept_only_when_it_looks_like_one(server):
@@ -233,10 +244,10 @@ def test_prompt_plus_max_length_over_context_is_refused(server, cases):
     assert r.status_code == 400 and "2048" in r.json()["error"]
 
 
-def test_unknown_route_and_method_are_json(server):
-    r = requests.get(server.url + "/nope", timeout=10)
+def test_unknown_route_and_method_are_json(fake_server):
+    r = requests.get(fake_server.url + "/nope", timeout=10)
     assert r.status_code == 404 and "error" in r.json()
-    r = requests.get(server.url + "/generate", timeout=10)
+    r = requests.get(fake_server.url + "/generate", timeout=10)
     assert r.status_code == 405 and "error" in r.json()
 
 

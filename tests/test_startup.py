@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.conftest import DEFAULT_MODEL, REPO_ROOT
+from engine.settings import REPO_ROOT
+from tests.helpers import DEFAULT_MODEL
 from tests.server_process import free_port
 
 

@@ -11,7 +11,7 @@ import pytest
 from engine.doctor import _model_file, _SETTINGS_USED
 from engine.settings import Settings
 from engine.startup import memory_plan, plan_startup, ram_budget
-from tests.conftest import DEFAULT_MODEL, link_or_copy
+from tests.helpers import DEFAULT_MODEL, link_or_copy
 
 MiB = 1 << 20
 

@@ -5,12 +5,12 @@ whole text, by hand-made cases and random ones, and on the real model's streamed
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
 from engine.errors import BadRequest
 from engine.generation import MAX_STOP_CHARS, MAX_STOPS, ReplyText, StopRules, check_stops
+from tests.helpers import Fakes, real_scheduler, submit
 
 
 @pytest.mark.parametrize("stops", [None, [], ["\nUser:"], ["x"] * MAX_STOPS, ["a" * (MAX_STOP_CHARS - 1), "b"]])
@@ -122,14 +122,7 @@ def test_random_texts_match_the_reference_and_never_stream_a_stop():
 
 @pytest.fixture(scope="module")
 def real(default_model_file):
-    import llama_cpp as L
-
-    from engine.runtime import LlamaRuntime
-    from engine.scheduler import Scheduler
-
-    runtime = LlamaRuntime(default_model_file, n_ctx=1024, n_parallel=2, n_batch=512, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    eng = Scheduler(runtime, cache_bytes=0, max_queue=4)
+    eng = real_scheduler(default_model_file, n_ctx=1024, n_parallel=2)
     yield eng
     eng.close()
 
@@ -137,9 +130,7 @@ def real(default_model_file):
 def streamed(eng, prompt: str, reply: ReplyText, max_tokens: int = 48) -> tuple[list[str], str]:
     from engine.generation import SamplingParams
 
-    started = time.perf_counter()
-    seq = eng.submit(eng.tokenize(prompt), SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=max_tokens),
-                     reply, started, started + 120)
+    seq = submit(eng, prompt, SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=max_tokens), reply)
     pieces = list(seq.stream())
     return pieces, seq.result.text
 
@@ -188,12 +179,8 @@ LONG_STOP = "\nEstudiante: " + "x" * MAX_STOP_CHARS
 def test_every_surface_answers_too_long_stops_with_a_400(tmp_path, path, body):
     """Whichever surface builds the stop rules, more than MAX_STOP_CHARS characters of stops is a
     400 that names `stop`, before any token is generated (streaming or not)."""
-    from engine.model_files import ModelSpec
-    from tests.test_model_manager import Fakes
-
-    f = Fakes(tmp_path)
+    f = Fakes(tmp_path).load("a.gguf")
     try:
-        f.manager.load(ModelSpec(f.dir / "a.gguf"))
         r = f.app().test_client().post(path, json=body)
         assert r.status_code == 400, r.get_data(as_text=True)
         assert "'stop'" in r.get_data(as_text=True) and f"{MAX_STOP_CHARS:,}" in r.get_data(as_text=True)

@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import requests
 
 from engine.patient import render_case_prompt
-
-
-def generate(server, **body) -> dict:
-    r = requests.post(server.url + "/generate", json=body, timeout=120)
-    assert r.status_code == 200, r.text
-    return r.json()
-
-
-def stream(server, **body) -> tuple[list[dict], dict]:
-    """(token events, final event) of a streamed /generate."""
-    with requests.post(server.url + "/generate", json={**body, "stream": True}, stream=True, timeout=120) as r:
-        assert r.status_code == 200
-        assert r.headers["Content-Type"].startswith("text/event-stream")
-        events = [json.loads(line[len("data: "):]) for line in r.iter_lines(decode_unicode=True) if line]
-    return events[:-1], events[-1]
+from tests.helpers import generate, stream
 
 
 @pytest.mark.parametrize("case_index", [0, 1, 2])

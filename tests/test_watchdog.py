@@ -5,15 +5,13 @@ injected faults, and on the real model with a batch llama.cpp refuses."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from engine.admission import EngineFailed
 from engine.errors import EngineError
 from engine.generation import ReplyText, SamplingParams, StopRules
 from engine.scheduler import MAX_FAILED_STEPS, Scheduler
-from tests.fake_runtime import FakeRuntime
+from tests.helpers import Fakes, fake_scheduler, real_scheduler, submit, wait_until
 
 GREEDY = SamplingParams(temperature=0, repeat_penalty=1.0, max_tokens=100)
 PROMPTS = ["Estudiante A: " + "¿Cómo dormiste esta semana? " * 3, "Estudiante B: " + "¿Qué te trae por acá? " * 3,
@@ -29,7 +27,7 @@ def make():
     made = []
 
     def build(*, max_queue=16, **kwargs) -> Scheduler:
-        eng = Scheduler(FakeRuntime("fake-w.gguf", **kwargs), cache_bytes=0, max_queue=max_queue)
+        eng = fake_scheduler("fake-w.gguf", max_queue=max_queue, **kwargs)
         made.append(eng)
         return eng
 
@@ -39,12 +37,12 @@ def make():
 
 
 def ask(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY):
-    started = time.perf_counter()
-    return eng.submit(eng.tokenize(prompt), params, ReplyText(StopRules(), clean=lambda t: t), started, started + 30)
+    return submit(eng, prompt, params, ReplyText(StopRules(), clean=lambda t: t))
 
 
-def ended(seq, timeout_s: float = 5.0):
-    """The request's error (None if it succeeded); fails the test instead of hanging on a dead thread."""
+def ended(seq, timeout_s: float = 30.0):
+    """The request's error (None if it succeeded); fails the test instead of hanging on a dead thread
+    (a request left behind would wait for its deadline, 600 s away: see tests/helpers.submit)."""
     assert seq.done.wait(timeout_s), "the request was left hanging"
     return seq.error
 
@@ -70,8 +68,7 @@ def test_a_dead_scheduler_answers_everyone_503_at_once_and_is_unhealthy(make, fa
     new requests, and `failed` says why."""
     eng = make(n_parallel=2, step_delay_s=0.005, reply="x" * 200)
     running = [ask(eng, p) for p in PROMPTS[:2]]
-    while eng.active < 2:
-        time.sleep(0.001)
+    wait_until(lambda: eng.active == 2, interval_s=0.001, what="both requests to take a slot")
     waiting = ask(eng, PROMPTS[2])
     if fault == "escapes the loop":
         eng.runtime.inject("decode", LoopBroke("a bug"))
@@ -86,10 +83,8 @@ def test_a_dead_scheduler_answers_everyone_503_at_once_and_is_unhealthy(make, fa
         assert isinstance(error, EngineFailed) and error.status == 503 and error.headers["Retry-After"] == "10"
     with pytest.raises(EngineFailed):
         "".join(waiting.stream())
-    started = time.perf_counter()
-    with pytest.raises(EngineFailed) as refused:
+    with pytest.raises(EngineFailed) as refused:  # `submit` itself refuses: nothing waits for a dead thread
         ask(eng, PROMPTS[0])
-    assert time.perf_counter() - started < 0.5
     assert "fake-w.gguf" in refused.value.message
     assert eng.failed and ("LoopBroke: a bug" in eng.failure if fault == "escapes the loop" else
                            "the context is gone" in eng.failure)
@@ -116,13 +111,9 @@ def test_steps_failing_in_a_row_stop_the_scheduler(make):
 def test_the_manager_reports_the_model_unhealthy_and_loading_it_again_heals_it(tmp_path):
     """Through the model manager and HTTP: requests for the failed model are a 503 at once,
     `healthy` is false with the reason, another model still serves; /load-model replaces it."""
-    from engine.model_files import ModelSpec
-    from tests.test_model_manager import Fakes
-
-    f = Fakes(tmp_path, response_cache_size=0)
+    f = Fakes(tmp_path, response_cache_size=0).load("a.gguf")
     try:
         manager = f.manager
-        manager.load(ModelSpec(f.dir / "a.gguf"))
         client = f.app().test_client()
         body = {"prompt": "Estudiante: Hola\nPaciente:", "max_length": 20, "temperature": 0}
         assert client.post("/generate", json=body).status_code == 200
@@ -151,13 +142,7 @@ def test_the_manager_reports_the_model_unhealthy_and_loading_it_again_heals_it(t
 
 @pytest.fixture(scope="module")
 def real(default_model_file):
-    import llama_cpp as L
-
-    from engine.runtime import LlamaRuntime
-
-    runtime = LlamaRuntime(default_model_file, n_ctx=512, n_parallel=2, n_batch=64, n_threads=2,
-                           n_threads_batch=2, n_gpu_layers=0, flash_attn="off", kv_type=L.GGML_TYPE_F16)
-    eng = Scheduler(runtime, cache_bytes=0, max_queue=4)
+    eng = real_scheduler(default_model_file, n_ctx=512, n_parallel=2, n_batch=64)
     yield eng
     eng.close()
 
@@ -184,7 +169,7 @@ def test_a_batch_llama_cpp_refuses_ends_only_its_requests_on_the_real_model(real
     monkeypatch.setattr(runtime, "batch_add", corrupt_first)
     with real._cond:  # both placed at once: A's prompt fills the first batch (N_BATCH=64), B waits for room
         a, b = ask(real, prompt_a, params), ask(real, prompt_b, params)
-    assert isinstance(ended(a, 60), EngineError) and a.error.status == 500 and "llama_decode" in a.error.message
-    assert ended(b, 60) is None and b.result.text == alone[1]
+    assert isinstance(ended(a, 300), EngineError) and a.error.status == 500 and "llama_decode" in a.error.message
+    assert ended(b, 300) is None and b.result.text == alone[1]
     assert not real.failed
     assert ask(real, prompt_a, params).wait().text == alone[0]
