@@ -99,6 +99,19 @@ ensure_project() {
   printf '%s\n' "$want" > "$stamp"
 }
 
+# The official JavaScript clients (tests/node/package.json, pinned by its lock file) for the
+# real-client tests; skipped without node/npm, and when the lock file is unchanged.
+ensure_node_clients() {
+  command -v npm >/dev/null 2>&1 || { log "npm not found: the Node client tests will be skipped"; return 0; }
+  local dir="$ROOT/tests/node"
+  local want stamp="$dir/node_modules/.ai-engine-install"
+  want="$(sha256sum < "$dir/package-lock.json" | cut -c1-16)"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && return 0
+  log "installing the Node clients for the tests (npm ci in tests/node)"
+  npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error >&2
+  printf '%s\n' "$want" > "$stamp"
+}
+
 ensure_default_model() {
   "$PY" -m engine ensure-model
 }
@@ -108,4 +121,5 @@ setup_all() {
   ensure_llama_cpp
   ensure_project "${1:-}"
   ensure_default_model
+  if [ "${1:-}" = test ]; then ensure_node_clients; fi
 }
