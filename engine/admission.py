@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
 from engine.errors import EngineError
+from engine.forecast import Job, finish_times
 from engine.prompt_cache import ConversationCache, common_prefix
 from engine.sequence import Cancelled, Sequence
 from engine.slot_policy import Slot
@@ -68,40 +68,34 @@ class DeadlineUnreachable(EngineError):
         self.retry_after = retry_after
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What stands between a new request and its reply, as plain numbers the scheduler gathers."""
-
-    own_read: int  # prompt tokens it must read (those no sequence or cache can give it)
-    own_reply: int  # tokens it is expected to generate
-    ahead_read: int  # prompt tokens that requests before it still have to read
-    slot_frees: tuple[int, ...] = ()  # for each sequence generating, its expected tokens left, sorted
-    queue_position: int = 0  # requests that need a slot before this one can have one (0: one is free)
-
-
 class DeadlineEstimator:
-    """How long a request will take, from the engine's measured speed: each decode step costs
-    `step_s` (one token for every sequence generating) plus `row_s` per prompt token read in it
-    (llama.cpp's CPU cost grows with the rows of a batch). Both are moving averages of real steps;
-    the reply length is a moving average of real replies, capped by the request's own limit.
-    Before any measurement there is no estimate (every request is accepted)."""
+    """The engine's measured speed, for the forecast (engine/forecast.py): a decode step generating
+    for n sequences costs `decode_cost(n)` (a moving average for each n seen; an unseen n is
+    extrapolated from the nearest smaller one, each sequence more costing half as much again as the
+    average one there: the logits of a big vocabulary make batched tokens far from free on a CPU),
+    and each prompt token read in a step adds `row_s`. The reply length is a moving average of real
+    replies, capped by the request's own limit. Before a prompt step is measured there is no
+    estimate (every request is accepted)."""
 
     ALPHA = 0.2
     MIN_PREFILL_ROWS = 32  # steps reading fewer prompt tokens say little about the cost of a row
+    STEP_ROWS = 8  # before any decode step is measured, one sequence's token costs 8 prompt tokens
 
     def __init__(self, reply_tokens: float = 48.0) -> None:
-        self.step_s: float | None = None
+        self.decode_s: dict[int, float] = {}  # seconds of a step generating for n sequences, by n
         self.row_s: float | None = None
         self.reply_tokens = reply_tokens
 
-    STEP_ROWS = 8  # before a decode step is measured, one is taken to cost as much as 8 prompt tokens
-
-    def observe_step(self, prefill_rows: int, seconds: float) -> None:
+    def observe_step(self, prefill_rows: int, seconds: float, decoding: int = 1) -> None:
+        """A decode went in: `prefill_rows` prompt tokens read beside one token of `decoding` sequences."""
         if prefill_rows < self.MIN_PREFILL_ROWS:
-            self.step_s = seconds if self.step_s is None else (1 - self.ALPHA) * self.step_s + self.ALPHA * seconds
+            if decoding > 0:
+                seconds = max(seconds - prefill_rows * (self.row_s or 0.0), 1e-6)
+                old = self.decode_s.get(decoding)
+                self.decode_s[decoding] = seconds if old is None else (1 - self.ALPHA) * old + self.ALPHA * seconds
             return
         # A class starts with prompts only: the first steps read them, before any token is decoded.
-        row = max(seconds - (self.step_s or 0.0), 0.0) / prefill_rows
+        row = max(seconds - (self.decode_cost(decoding) if self.decode_s else 0.0), 0.0) / prefill_rows
         self.row_s = row if self.row_s is None else (1 - self.ALPHA) * self.row_s + self.ALPHA * row
 
     @property
@@ -109,10 +103,23 @@ class DeadlineEstimator:
         """Whether there is an estimate: a prompt step has been measured."""
         return self.row_s is not None
 
-    @property
-    def step(self) -> float:
-        """Seconds a decode step takes (measured, else STEP_ROWS prompt tokens' worth)."""
-        return self.step_s if self.step_s is not None else self.STEP_ROWS * self.row_s
+    def decode_cost(self, n: int) -> float:
+        """Seconds of a step generating one token for each of `n` sequences."""
+        if n <= 0:
+            return 0.0
+        if n in self.decode_s:
+            return self.decode_s[n]
+        below = [k for k in self.decode_s if k < n]
+        if below:
+            k = max(below)
+            return self.decode_s[k] * (1 + (n - k) / (2 * k))
+        if self.decode_s:
+            return self.decode_s[min(self.decode_s)]
+        return n * self.STEP_ROWS * (self.row_s or 0.0)
+
+    def cost(self, decoding: int, rows: int) -> float:
+        """Seconds of a step generating for `decoding` sequences and reading `rows` prompt tokens."""
+        return self.decode_cost(decoding) + rows * (self.row_s or 0.0)
 
     def observe_reply(self, tokens: int) -> None:
         self.reply_tokens = (1 - self.ALPHA) * self.reply_tokens + self.ALPHA * tokens
@@ -120,33 +127,31 @@ class DeadlineEstimator:
     def expected_reply(self, max_tokens: int) -> int:
         return max(1, min(max_tokens, round(self.reply_tokens)))
 
-    def seconds(self, w: Workload) -> float | None:
-        """Seconds until the request would finish; None while the speed is unknown."""
-        if not self.ready:
-            return None
-        wait = 0.0
-        if w.queue_position > 0:  # a slot frees when a sequence ahead finishes its reply
-            frees = sorted(w.slot_frees)
-            rounds, index = divmod(w.queue_position - 1, max(len(frees), 1))
-            wait = ((frees[index] if frees else self.reply_tokens) + rounds * self.reply_tokens) * self.step
-        return wait + (w.ahead_read + w.own_read) * self.row_s + w.own_reply * self.step
-
 
 class Admission:
     """The scheduler's admission decisions, on its live state (`slots` and the `pending` queue are
-    the scheduler's own, read under its lock): room in the waiting queue (MAX_QUEUE), a deadline the
-    measured speed cannot meet (at once, and again for requests accepted before the speed was
-    known), what a prompt will not have to read, and the Retry-After of a refusal."""
+    the scheduler's own, read under its lock): room in the waiting queue (MAX_QUEUE); deadlines,
+    from the forecast of when every request would finish (engine/forecast.py) at the measured speed:
+    a request that would finish late, or would make an accepted one late, is refused at once, and
+    one accepted before the speed was known is refused as soon as the forecast says it is late;
+    what a prompt will not have to read; and the Retry-After of a refusal. `batcher`: the
+    scheduler's BatchBuilder (engine/batch.py), whose budget the forecast follows."""
+
+    MARGIN = 1.1  # a forecast finish time counts this much longer: the measured speed moves
+    RECHECK_S = 0.25  # how often requests already accepted are forecast again
+    MAX_REFUSALS = 8  # refused in one check at most (each one makes the rest sooner)
 
     def __init__(self, slots: list[Slot], pending: deque[Sequence], estimator: DeadlineEstimator,
-                 cache: ConversationCache, disk, metrics, max_queue: int) -> None:
+                 cache: ConversationCache, disk, metrics, max_queue: int, batcher=None) -> None:
         """`disk`: the model's prompt cache on disk (engine/disk_cache.py), or None."""
         self.slots, self.pending = slots, pending
         self.estimator = estimator
         self.cache, self.disk = cache, disk
         self.metrics = metrics
         self.max_queue = max_queue
+        self.batcher = batcher
         self.recent_s = 2.0  # moving estimate of one request's time, for Retry-After
+        self._checked = -math.inf
 
     @property
     def waiting(self) -> int:
@@ -169,54 +174,88 @@ class Admission:
                         f"(MAX_QUEUE={self.max_queue}); retry shortly", retry)
 
     def admit_by_deadline(self, seq: Sequence) -> None:
-        """Refuse `seq` at once (DeadlineUnreachable) when the engine's estimate says it would
-        finish after its deadline: the work ahead of it (prompts still to read, a slot to wait for)
-        plus its own."""
+        """Refuse `seq` at once (DeadlineUnreachable) when the forecast says it would finish after
+        its deadline, or that taking it would make a request already accepted finish after its own
+        (which would otherwise be on time): it then waits its turn with the others."""
         now = time.perf_counter()
-        seq.reuse_guess = self.reuse_guess(seq.tokens)
-        active = [s.seq for s in self.slots if s.seq is not None]
-        free = len(self.slots) - len(active)
-        est = self.estimator
-        ahead = sum(len(q.tokens) - q.n_prompt_done for q in active if q.pending_token is None and q.leader is None)
-        ahead += sum(len(q.tokens) - q.reuse_guess for q in self.pending)
-        work = Workload(own_read=len(seq.tokens) - seq.reuse_guess, own_reply=est.expected_reply(seq.params.max_tokens),
-                        ahead_read=ahead, queue_position=max(0, len(self.pending) + 1 - free),
-                        slot_frees=tuple(max(0, est.expected_reply(q.params.max_tokens) - q.n_tokens) for q in active))
-        seconds = est.seconds(work)
+        seq.reuse_guess, seq.reuse_from = self.reuse_guess(seq.tokens)
+        if not self.estimator.ready:
+            return
+        seqs = self.held()
+        before = self.forecast(seqs, now)
+        after = self.forecast(seqs + [seq], now)
         left = seq.deadline - now
-        if seconds is not None and seconds > left:
-            raise self.too_late(seconds, left)
+        if after[-1] * self.MARGIN > left:
+            raise self.too_late(after[-1], left)
+        hurt = [i for i, q in enumerate(seqs)
+                if before[i] * self.MARGIN <= q.deadline - now < after[i] * self.MARGIN]
+        if hurt:
+            if self.metrics is not None:
+                self.metrics.deadline_rejections.inc()
+            retry = max(1, math.ceil(min(before[i] for i in hurt)))
+            raise DeadlineUnreachable(
+                f"the engine is at capacity: taking this request now would make {len(hurt)} accepted "
+                f"request(s) miss their deadline; retry in {retry} s", retry)
 
     def refuse_the_late(self, now: float, finish) -> None:
         """Requests accepted before the engine knew its speed (the first ones after a start), or
-        whose work grew: those still waiting, or not yet reading, that the estimate now says would
-        finish after their deadline are answered 503 with Retry-After now, rather than 504 at the
-        deadline. One in a slot is ended by `finish(seq, error)` (the scheduler's: a sequence
-        refused while reading keeps what it read)."""
-        est = self.estimator
-        if not est.ready:
+        whose work grew: those waiting, or still reading their prompt, that the forecast now says
+        would finish after their deadline are answered 503 with Retry-After now, rather than 504 at
+        the deadline; the latest to come first, and each refusal makes the others sooner. One in a
+        slot is ended by `finish(seq, error)` (the scheduler's: a sequence refused while reading
+        keeps what it read). Checked every RECHECK_S."""
+        if not self.estimator.ready or now - self._checked < self.RECHECK_S:
             return
-        ahead = 0
-        for seq in sorted((s.seq for s in self.slots if s.seq is not None and s.seq.pending_token is None),
-                          key=lambda q: q.order):
-            # A follower waits for its leader (counted before it) and then reads only past the target.
-            ahead += len(seq.tokens) - (seq.target if seq.leader else seq.n_prompt_done)
-            need = ahead * est.row_s + est.expected_reply(seq.params.max_tokens) * est.step
-            if now + need > seq.deadline:
-                finish(seq, self.too_late(need, seq.deadline - now))
-        for seq in list(self.pending):
-            ahead += len(seq.tokens) - seq.reuse_guess
-            need = ahead * est.row_s + est.expected_reply(seq.params.max_tokens) * est.step
-            if now + need > seq.deadline:
+        self._checked = now
+        for _ in range(self.MAX_REFUSALS):
+            seqs = self.held()
+            done = self.forecast(seqs, now)
+            late = [i for i, q in enumerate(seqs)
+                    if q.pending_token is None and done[i] * self.MARGIN > q.deadline - now]
+            if not late:
+                return
+            i = max(late, key=lambda i: (seqs[i].started, i))
+            seq, error = seqs[i], self.too_late(done[i], seqs[i].deadline - now)
+            if seq.slot is not None:
+                finish(seq, error)
+            else:
                 self.pending.remove(seq)
-                seq.end(self.too_late(need, seq.deadline - now))
+                seq.end(error)
+
+    def held(self) -> list[Sequence]:
+        """Every request the scheduler holds, in the order they are served: the slots' by placement,
+        then the queue."""
+        return sorted((s.seq for s in self.slots if s.seq is not None), key=lambda q: q.order) + list(self.pending)
+
+    def forecast(self, seqs: list[Sequence], now: float) -> list[float]:
+        """Seconds from `now` until each of `seqs` (from `held()`, plus perhaps a newcomer) is answered."""
+        est = self.estimator
+        index = {id(q): i for i, q in enumerate(seqs)}
+        jobs = []
+        for q in seqs:
+            expected = est.expected_reply(q.params.max_tokens)
+            job = Job(read=0, reply=max(1, expected - q.n_tokens), deadline=q.deadline - now, arrival=q.started,
+                      in_slot=q.slot is not None)
+            if q.slot is None:  # waiting: it reads what no one gives it, after whoever is reading that
+                job.read, job.leader = len(q.tokens) - q.reuse_guess, index.get(id(q.reuse_from))
+            elif q.pending_token is None:  # reading (or following a classmate who reads)
+                job.read = len(q.tokens) - max(q.n_prompt_done, q.target if q.leader is not None else 0)
+                job.leader = index.get(id(q.leader)) if q.leader is not None else None
+            jobs.append(job)
+        batcher = self.batcher
+        n_batch = batcher.runtime.n_batch if batcher is not None else 512
+        rows = batcher.prefill_rows() if batcher is not None else 256
+        horizon = max((j.deadline for j in jobs), default=0.0) * self.MARGIN + 1.0
+        return finish_times(jobs, slots=len(self.slots), n_batch=n_batch, prefill_rows=rows, cost=est.cost,
+                            horizon=horizon)
 
     def too_late(self, seconds: float, left: float) -> DeadlineUnreachable:
         if self.metrics is not None:
             self.metrics.deadline_rejections.inc()
-        retry = max(1, math.ceil(seconds - left))
+        work = f"about {seconds:.1f} s" if math.isfinite(seconds) else f"more than {left * self.MARGIN:.1f} s"
+        retry = max(1, math.ceil(seconds - left)) if math.isfinite(seconds) else max(1, math.ceil(left))
         return DeadlineUnreachable(
-            f"the engine cannot answer within this request's deadline: about {seconds:.1f} s of work is ahead "
+            f"the engine cannot answer within this request's deadline: {work} of work is ahead "
             f"of its reply and {max(left, 0):.1f} s are left (REQUEST_TIMEOUT_S or the client's timeout); retry "
             f"in {retry} s", retry)
 
@@ -240,24 +279,26 @@ class Admission:
             self.metrics.timeouts.inc()
         seq.end(RequestTimeout("the request timed out waiting in the queue (REQUEST_TIMEOUT_S)"))
 
-    def reuse_guess(self, tokens: np.ndarray) -> int:
+    def reuse_guess(self, tokens: np.ndarray) -> tuple[int, Sequence | None]:
         """How much of a prompt will not have to be read: the longest prefix it shares with what a
         slot holds exactly, with a prompt being read or waiting (read once, then shared), or with a
-        saved state."""
-        best = 0
+        saved state; and the request still to read that prefix, when it comes from one (None: it is
+        there already)."""
+        best, provider = 0, None
         for slot in self.slots:
             if slot.n_exact:
                 best = max(best, common_prefix(slot.kv[:slot.n_exact], tokens))
-        others = [s.seq for s in self.slots if s.seq is not None] + list(self.pending)
-        for q in others:
-            best = max(best, common_prefix(q.tokens, tokens))
         if self.cache.enabled:
             _entry, n = self.cache.best(tokens, lambda e, n: n)
             best = max(best, n)
         if self.disk is not None:
             hit = self.disk.longest(tokens)
             best = max(best, hit[0] if hit else 0)
-        return min(best, len(tokens) - 1)
+        for q in [s.seq for s in self.slots if s.seq is not None] + list(self.pending):
+            n = common_prefix(q.tokens, tokens)
+            if n > best:
+                best, provider = n, q
+        return min(best, len(tokens) - 1), provider
 
     def observe_reply(self, seconds: float, tokens: int) -> None:
         """A request ended after `seconds`, having generated `tokens`."""

@@ -1,8 +1,9 @@
 """Each scheduler step's batch: the next token of every decoding sequence, then chunks of the
-prompts being read, in the order they came, within the batch's room (N_BATCH) and, while others
-generate, a prefill budget (PREFILL_CHUNK, and PREFILL_STEP_S of reading at the measured speed),
-so that a long prompt slows the others' tokens down instead of stopping them. Chunks end where the
-slot policy says (row groups), and what each slot holds is recorded once the decode went in."""
+prompts being read (short reads first, then in the order they came: engine/forecast.py
+`read_order`), within the batch's room (N_BATCH) and, while others generate, a prefill budget
+(PREFILL_CHUNK, and PREFILL_STEP_S of reading at the measured speed), so that a long prompt slows
+the others' tokens down instead of stopping them. Chunks end where the slot policy says (row
+groups), and what each slot holds is recorded once the decode went in."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.admission import DeadlineEstimator
+from engine.forecast import read_order
 from engine.runtime import Runtime
 from engine.sequence import Sequence
 from engine.slot_policy import SlotPolicy
@@ -68,7 +70,8 @@ class BatchBuilder:
         """The batch of the `active` sequences (those in slots) for the next decode."""
         rt = self.runtime
         batch = Batch(decoding=[q for q in active if q.pending_token is not None])
-        prefilling = sorted((q for q in active if q.pending_token is None), key=lambda q: q.started)
+        prefilling = sorted((q for q in active if q.pending_token is None),
+                            key=lambda q: read_order(len(q.tokens) - q.n_prompt_done, q.started))
         rt.batch_clear()
         for seq in batch.decoding:  # one token each: decoding never waits for a prompt to be read
             batch.wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))

@@ -82,10 +82,11 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._placed = 0
-        self.admission = Admission(self.slots, self._pending, self.estimator, self.cache, self.disk, metrics, max_queue)
         self.cells = SlotCells(runtime, self.policy, self.slots, self.cache, metrics)
         self.sharing = PrefixSharing(runtime, self.policy, self.slots, self.prompts, self.cells.truncate, metrics)
         self.batcher = BatchBuilder(runtime, self.policy, self.estimator, prefill_chunk, self.sharing.waits_for_leader)
+        self.admission = Admission(self.slots, self._pending, self.estimator, self.cache, self.disk, metrics, max_queue,
+                                   self.batcher)
         self.replier = Replier(runtime, self.admission.observe_reply, metrics)
         name = Path(runtime.path).name
         self.watchdog = Watchdog(name, self._cond, self._pending, self.slots, self._report_queue)
@@ -268,7 +269,7 @@ class Scheduler:
             held = batch.held()
             held += [q for q in self.sharing.copies_failed() if q not in held]
             raise DecodeFailed(exc, [q for q in held if q is not None]) from exc
-        self.estimator.observe_step(batch.prefill_rows, time.perf_counter() - started)
+        self.estimator.observe_step(batch.prefill_rows, time.perf_counter() - started, len(batch.decoding))
         self.sharing.copies_done()
         self.batcher.drop_placeholder(batch)
         if batch.saving:

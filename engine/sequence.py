@@ -46,6 +46,7 @@ class Sequence:
     pending_token: int | None = None
     disk_save: int = 0  # save the first this-many tokens to the disk cache before reading on
     reuse_guess: int = 0  # prompt tokens some sequence or cache is expected to give it (admission)
+    reuse_from: "Sequence | None" = None  # the request still to read that prefix, if one is (admission)
     order: int = 0  # placement order: a sequence only follows one placed before it (no cycles)
     leader: "Sequence | None" = None  # a sequence reading the same prefix, which this one waits for
     target: int = 0  # how much of the prompt the leader will give

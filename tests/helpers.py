@@ -80,12 +80,13 @@ def submit(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY, reply: 
 
 
 class StepClock:
-    """A clock that only the runtime's decode steps move, `step_s` each: installed, it is what
+    """A clock that only the runtime's decode steps move, `step_s` each (plus `row_s` for each token
+    in the fake runtime's batch): installed, it is what
     `time.perf_counter()` reads, so a scheduler's deadlines, its measured speed and what it admits
     depend on the steps it takes, not on how fast or how busy the machine is."""
 
-    def __init__(self, step_s: float) -> None:
-        self.step_s = step_s
+    def __init__(self, step_s: float, row_s: float = 0.0) -> None:
+        self.step_s, self.row_s = step_s, row_s  # row_s: each token in the batch adds this much
         self.now = 1000.0
 
     def __call__(self) -> float:
@@ -95,7 +96,8 @@ class StepClock:
         decode = eng.runtime.decode
 
         def step(*args, **kwargs):
-            self.now += self.step_s  # only the scheduler's thread decodes
+            rows = len(getattr(eng.runtime, "_batch", ())) if self.row_s else 0  # the fake runtime's batch
+            self.now += self.step_s + self.row_s * rows  # only the scheduler's thread decodes
             return decode(*args, **kwargs)
 
         monkeypatch.setattr(eng.runtime, "decode", step)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.admission import DeadlineEstimator, DeadlineUnreachable, QueueFull, RequestTimeout, Workload
+from engine.admission import DeadlineEstimator, DeadlineUnreachable, QueueFull, RequestTimeout
 from engine.generation import SamplingParams
 from engine.scheduler import Scheduler
 from tests.helpers import Fakes, StepClock, fake_scheduler, real_scheduler, submit
@@ -15,50 +15,56 @@ from tests.helpers import Fakes, StepClock, fake_scheduler, real_scheduler, subm
 
 def measured(step_s: float = 0.02, row_s: float = 0.002, reply: float = 20) -> DeadlineEstimator:
     est = DeadlineEstimator(reply_tokens=reply)
-    est.observe_step(0, step_s)
-    est.observe_step(100, step_s + 100 * row_s)
+    est.observe_step(0, step_s, decoding=1)
+    est.observe_step(100, step_s + 100 * row_s, decoding=1)
     return est
 
 
 def test_no_estimate_before_the_engine_has_measured_itself():
     est = DeadlineEstimator()
-    assert est.seconds(Workload(own_read=3000, own_reply=100, ahead_read=10**6)) is None
-    est.observe_step(0, 0.02)
-    assert est.seconds(Workload(own_read=3000, own_reply=100, ahead_read=0)) is None  # no prompt step yet
+    assert not est.ready
+    est.observe_step(0, 0.02, decoding=1)
+    assert not est.ready  # no prompt step yet
+    est.observe_step(100, 0.22, decoding=1)
+    assert est.ready and est.row_s == pytest.approx(0.002)
 
 
 def test_a_class_starting_with_prompts_only_is_estimated_from_its_first_prompt_step():
     est = DeadlineEstimator()
-    est.observe_step(500, 1.0)  # no decode step measured yet: all of it counts as reading
-    assert est.row_s == pytest.approx(0.002) and est.step == pytest.approx(8 * 0.002)
-    assert est.seconds(Workload(own_read=100, own_reply=10, ahead_read=0)) == pytest.approx(0.2 + 10 * 0.016)
-    est.observe_step(0, 0.03)
-    assert est.step == 0.03
+    est.observe_step(500, 1.0, decoding=0)  # no decode step measured yet: all of it counts as reading
+    assert est.row_s == pytest.approx(0.002)
+    assert est.decode_cost(1) == pytest.approx(8 * 0.002) and est.decode_cost(4) == pytest.approx(4 * 8 * 0.002)
+    assert est.cost(2, 100) == pytest.approx(2 * 8 * 0.002 + 100 * 0.002)
+    est.observe_step(0, 0.03, decoding=1)
+    assert est.decode_cost(1) == 0.03
 
 
-@pytest.mark.parametrize("work,seconds", [
-    (Workload(own_read=0, own_reply=20, ahead_read=0), 20 * 0.02),
-    (Workload(own_read=100, own_reply=20, ahead_read=0), 100 * 0.002 + 20 * 0.02),
-    (Workload(own_read=100, own_reply=20, ahead_read=400), 500 * 0.002 + 20 * 0.02),
-    # no free slot: wait for the sequence closest to its end, then read and reply
-    (Workload(own_read=100, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=1),
-     5 * 0.02 + 100 * 0.002 + 20 * 0.02),
-    (Workload(own_read=100, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=2),
-     15 * 0.02 + 100 * 0.002 + 20 * 0.02),
-    # third in line for two slots: one more reply's worth of waiting
-    (Workload(own_read=0, own_reply=20, ahead_read=0, slot_frees=(15, 5), queue_position=3),
-     (5 + 20) * 0.02 + 20 * 0.02),
+@pytest.mark.parametrize("seen,n,seconds", [
+    ({1: 0.02}, 1, 0.02),
+    ({1: 0.02}, 8, 0.02 * (1 + 7 / 2)),  # each sequence more: half the cost of the one seen
+    ({1: 0.02, 4: 0.05}, 4, 0.05),
+    ({1: 0.02, 4: 0.05}, 6, 0.05 * (1 + 2 / 8)),  # from the nearest smaller batch seen
+    ({4: 0.05}, 2, 0.05),  # only bigger batches seen: no cheaper than the smallest
+    ({1: 0.02}, 0, 0.0),
 ])
-def test_estimate(work, seconds):
-    assert measured().seconds(work) == pytest.approx(seconds)
+def test_decode_cost_by_batch_size(seen, n, seconds):
+    est = measured()
+    est.decode_s = dict(seen)
+    assert est.decode_cost(n) == pytest.approx(seconds)
+
+
+def test_a_short_prompt_step_counts_as_decoding_less_its_rows():
+    est = measured(step_s=0.02, row_s=0.002)
+    est.observe_step(20, 0.05 + 20 * 0.002, decoding=3)  # a later turn's 20 tokens beside 3 replies
+    assert est.decode_cost(3) == pytest.approx(0.05)
 
 
 def test_moving_averages_follow_the_machine():
     est = measured(step_s=0.02, row_s=0.002)
     for _ in range(30):
-        est.observe_step(0, 0.04)  # the machine got slower
-        est.observe_step(200, 0.04 + 200 * 0.004)
-    assert est.step_s == pytest.approx(0.04, rel=0.01) and est.row_s == pytest.approx(0.004, rel=0.02)
+        est.observe_step(0, 0.04, decoding=1)  # the machine got slower
+        est.observe_step(200, 0.04 + 200 * 0.004, decoding=1)
+    assert est.decode_cost(1) == pytest.approx(0.04, rel=0.01) and est.row_s == pytest.approx(0.004, rel=0.02)
     for _ in range(30):
         est.observe_reply(60)
     assert est.expected_reply(150) == 60 and est.expected_reply(10) == 10
@@ -94,6 +100,31 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_once_and_the_othe
         eng.close()
 
 
+def test_a_request_that_would_make_an_accepted_one_late_is_refused(monkeypatch):
+    """Two slots; a step costs 10 ms plus 1 ms a batch row (StepClock). A reply of 40 tokens alone
+    takes about 0.44 s and has 1 s. A 1,100-token prompt arriving beside it would be read 63 tokens
+    a step, each of the reply's tokens then waiting about 74 ms: the reply would miss its deadline
+    (on the old estimate, which added up prompt time and reply time, the newcomer was accepted and
+    the reply ended with a 504). The newcomer is refused with Retry-After, the reply is on time, and
+    once it is done the same newcomer is accepted."""
+    reply = "x" * 40
+    eng = fake_scheduler("a.gguf", n_parallel=2, n_batch=64, n_ctx=4096, reply=reply)
+    StepClock(0.01, row_s=0.001).install(monkeypatch, eng)
+    try:
+        for i in range(10):  # warm-up: the engine measures its steps, its rows and its replies
+            ask(eng, f"calentamiento {i} " * 40, 100, 30).wait()
+        with eng._cond:  # both arrive before the scheduler's next step
+            interview = ask(eng, "Estudiante: ¿Cómo dormiste?\nPaciente:", 100, 1.0)
+            with pytest.raises(DeadlineUnreachable) as refused:
+                ask(eng, "caso nuevo " * 100, 100, 30)
+        assert "would make 1 accepted request(s) miss their deadline" in refused.value.message
+        assert int(refused.value.headers["Retry-After"]) >= 1
+        assert interview.wait().text == reply  # on time: a RequestTimeout (504) would raise here
+        assert ask(eng, "caso nuevo " * 100, 100, 30).wait().text == reply
+    finally:
+        eng.close()
+
+
 def test_the_client_deadline_over_http(tmp_path):
     """`timeout_s` (or X-Request-Timeout) is accepted on the simulator's route; values under a
     second, or not numbers, are a 400 that names the field or header (the refusal itself is
@@ -123,7 +154,7 @@ def test_requests_accepted_before_the_speed_was_known_are_refused_once_it_is(mon
     StepClock(0.05).install(monkeypatch, eng)
     try:
         with eng._cond:  # all 4 accepted before the first step is measured
-            seqs = [ask(eng, f"caso {i} " * 200, 60, 1.5) for i in range(4)]  # 1,200 tokens each, 64 a step
+            seqs = [ask(eng, f"caso {i} " * 200, 6, 1.5) for i in range(4)]  # 1,200 tokens each, 64 a step
         outcomes = []
         for seq in seqs:
             try:
