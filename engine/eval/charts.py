@@ -25,7 +25,8 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
     except ImportError as exc:
         raise EngineError("ai-engine eval draws its charts with matplotlib, which is not installed: "
-                          "pip install 'ai-engine[eval]' (or pip install matplotlib)") from exc
+                          "in this repository .venv/bin/pip install -e '.[eval]' "
+                          "(elsewhere pip install matplotlib)") from exc
 
 
 def _pyplot():
