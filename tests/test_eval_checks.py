@@ -59,6 +59,10 @@ CHECK_TABLE = [
     ("one_turn", "Paciente: no duermo.", 0, (), False),
     ("one_turn", "Me siento mal.\n\nTerapeuta: contame más", 0, (), False),
     ("one_turn", "Me siento mal.\n\nY encima no duermo.", 0, (), False),
+    ("one_turn", "Un día en la cama.\nEstado emocional: está muy nerviosa.", 0, (), False),
+    ("one_turn", "¿Cómo dormís?", 1, (), False),  # the student's question said back
+    ("one_turn", "¿Cómo dormís? Mal, muy mal.", 1, (), True),
+    ("one_turn", "Me siento mal,\ny no duermo: nada.", 0, (), True),
     ("length", GOOD, 0, (), True),
     ("length", "No.", 0, (), True),
     ("length", "", 0, (), False),

@@ -134,13 +134,20 @@ def no_role_break(r: ReplyInput) -> bool:
 OTHER_LABELS = SPEAKERS + ("Psicologo", "Psicologa", "Psicólogo", "Psicóloga", "Doctor", "Doctora", "Entrevistador",
                            "Entrevistadora", "Student", "Patient", "Therapist")
 SPEAKER_LABEL = re.compile(r"(?:^|\n|[.!?…]\s+)\s*(?:%s)\s*:" % "|".join(OTHER_LABELS), re.IGNORECASE)
+# A later line that starts like a case sheet's field or another speaker ("Estado emocional: ...").
+LABEL_LINE = re.compile(r"\n\s*[A-ZÁÉÍÓÚÑ][A-Za-zÁÉÍÓÚÑáéíóúñü]*(?: [A-Za-zÁÉÍÓÚÑáéíóúñü]+){0,2}\s*:")
 
 
 def one_turn(r: ReplyInput) -> bool:
     """The reply is one turn of the patient's: no speaker label (`Estudiante:`, `Paciente:`, ...)
-    inside it, no line with the next question, no blank line followed by more text."""
+    inside it, no later line starting with a label (a case sheet's `Estado emocional:`), no blank
+    line followed by more text, and not the student's question said back (the model playing the
+    student)."""
     text = r.text.strip()
-    return not SPEAKER_LABEL.search(text) and not re.search(r"\n\s*\n\s*\S", text)
+    if SPEAKER_LABEL.search(text) or LABEL_LINE.search(text) or re.search(r"\n\s*\n\s*\S", text):
+        return False
+    question = " ".join(words(r.case.questions[r.index])) if r.index < len(r.case.questions) else ""
+    return not question or " ".join(words(text)) != question
 
 
 # -- length ----------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def render_html(results: dict, charts: list[tuple[str, str]], folder: Path) -> s
         "<h1>Model trial (<code>ai-engine eval</code>)</h1>",
         f"<p>Target: {escape(', '.join(trial['targets']))}. Started {escape(trial['started'])}, "
         f"{trial['seconds']:.0f} s; engine {escape(trial['engine_version'])}; max_length {trial['max_length']}; "
-        f"cases: {escape(', '.join(c['id'] for c in trial['cases']))}.</p>",
+        f"cases: {escape(', '.join(c['id'] for c in trial['cases']))}. Machine: {escape(trial['machine'])}.</p>",
         f"<p>Rule: {escape(trial['rule'])}.</p>", "<h2>Summary</h2>", *_summary(results), "<h2>Charts</h2>",
     ]
     for name, title in charts:

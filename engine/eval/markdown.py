@@ -17,7 +17,7 @@ def render_markdown(results: dict, charts: list[tuple[str, str]]) -> str:
         "# Model trial (`ai-engine eval`)", "",
         f"Target: {', '.join(trial['targets'])}. Started {trial['started']}, {trial['seconds']:.0f} s; "
         f"engine {trial['engine_version']}; max_length {trial['max_length']}; "
-        f"cases: {', '.join(c['id'] for c in trial['cases'])}.", "",
+        f"cases: {', '.join(c['id'] for c in trial['cases'])}. Machine: {trial['machine']}.", "",
         f"Rule: {trial['rule']}.", "",
         *_summary(results),
         "", "## Charts", "",

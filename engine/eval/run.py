@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ai_engine_common.machine import read_cpu_info
 from engine import __version__
 from engine.eval.cases import Case
 from engine.eval.checks import CHECKS
@@ -92,6 +93,7 @@ def run_trial(trial: Trial, progress: Progress | None = None) -> dict:
             "engine_version": __version__, "started": started.isoformat(timespec="seconds"),
             "seconds": round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1),
             "target": trial.url or "in process", "targets": targets_seen,
+            "machine": f"{read_cpu_info().model}, {read_cpu_info().logical} logical CPUs (where eval ran)",
             "cases": [{"id": c.id, "language": c.language, "questions": list(c.questions)} for c in trial.cases],
             "temperatures": list(trial.temperatures), "top_ps": list(trial.top_ps), "max_length": trial.max_length,
             "judge": trial.judge, "checks": list(CHECKS), "rule": RULE,
