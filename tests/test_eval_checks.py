@@ -3,7 +3,9 @@ case file's validation, the simulator's verdict rule, and the judge's answer par
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,32 @@ def test_the_judge_request_is_ollamas_structured_output():
     assert body["format"]["type"] == "object" and set(body["format"]["required"]) == {"character", "natural", "reason"}
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
     assert body["messages"][1]["content"].startswith(PROMPT) and "Paciente: Hola." in body["messages"][1]["content"]
+
+
+# -- the progress bar and the charts' dependency ---------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream, redraws", [(io.StringIO(), False), (Terminal(), True)])
+def test_the_progress_bar(stream, redraws):
+    from engine.eval.run import Progress
+
+    bar = Progress(2, stream)
+    for record in records("a", [1.5, 2.5], [True, False]):
+        bar.update(record)
+    text = stream.getvalue()
+    assert "1/2" in text and "2/2" in text and "q2: 2.5 s FAIL" in text and "q1: 1.5 s pass" in text
+    assert ("\r" in text) is redraws and text.endswith("\n")
+    assert ("[" + "#" * Progress.WIDTH + "]") in text
+
+
+def test_without_matplotlib_the_command_says_so_before_asking(monkeypatch):
+    from engine.errors import EngineError
+    from engine.eval.charts import require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(EngineError, match=r"matplotlib, which is not installed.*\.\[eval\]"):
+        require_matplotlib()
