@@ -175,20 +175,27 @@ def test_a_judge_that_does_not_fit_is_unavailable(stand_in, tmp_path, judge):
     ("broken", "answered 500: the model crashed"),
     ("cut", "stopped with an error: the engine stopped"),
 ])
-def test_a_failing_server_stops_the_trial_and_writes_nothing(stand_in, tmp_path, capsys, model, message):
-    url, _ = stand_in
+def test_questions_the_server_fails_are_failed_replies(stand_in, tmp_path, capsys, model, message):
+    """The trial goes on; each failed question is in the report with its error, and the exit status is 1."""
+    url, received = stand_in
+    assert run_eval("--url", url, "--model", model, "--out", tmp_path) == 1
+    assert f"6 of 6 questions got no reply (first: {url}/generate" in capsys.readouterr().err
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert all(message in r["error"] and r["text"] == "" and not r["passed"] for r in results["replies"])
+    assert results["models"][0]["errors"] == 6 and results["models"][0]["verdict"] == "reject"
+    assert f"(error: {url}/generate" in (tmp_path / "report.md").read_text()
+    # A failed question is left out of the transcript the next question sees.
+    assert received[1]["prompt"] == CASE.prompt + f"Estudiante: {CASE.questions[1]}\nPaciente:"
+
+
+def test_an_unreachable_url_stops_the_trial_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text("{} (an earlier trial's)")
-    assert run_eval("--url", url, "--model", model, "--out", out) == 2
-    assert message in capsys.readouterr().err
+    assert run_eval("--url", "http://127.0.0.1:9", "--out", out) == 2
+    assert "cannot reach http://127.0.0.1:9/generate" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["results.json"]  # no half-written report, the earlier one kept
     assert (out / "results.json").read_text() == "{} (an earlier trial's)"
-
-
-def test_an_unreachable_url(tmp_path, capsys):
-    assert run_eval("--url", "http://127.0.0.1:9", "--out", tmp_path) == 2
-    assert "cannot reach http://127.0.0.1:9/generate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

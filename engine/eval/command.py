@@ -56,7 +56,8 @@ def _numbers(flag: str, low: float, high: float, *, open_low: bool = False):
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the trial and write the report; exit status 0 when it ran (whatever the verdicts)."""
+    """Run the trial and write the report. Exit status 0 when every question was answered
+    (whatever the verdicts), 1 when the server failed some (they are in the report as errors)."""
     from engine.eval.cases import load_cases
     from engine.eval.charts import require_matplotlib
     from engine.eval.report import write_report
@@ -81,5 +82,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s['model']} temperature={s['temperature']:g} top_p={s['top_p']:g}: pass rate "
               f"{100 * s['pass_rate']:.0f}%, mean {s['mean_s']:.2f} s, p95 {s['p95_s']:.2f} s -> {s['verdict']}")
     print(f"report: {', '.join(str(p) for p in written if p.suffix != '.png')}")
-    logging.getLogger(__name__).debug("wrote %s", written)
+    errors = [r for r in results["replies"] if "error" in r]
+    if errors:
+        print(f"ai-engine eval: {len(errors)} of {len(results['replies'])} questions got no reply (first: "
+              f"{errors[0]['error']}); they count as failed replies", file=sys.stderr)
+        return 1
     return 0

@@ -7,7 +7,7 @@ import base64
 from html import escape
 from pathlib import Path
 
-from engine.eval.sheet import grouped, judge_text
+from engine.eval.sheet import grouped, judge_text, reply_cell
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1150px; }
@@ -52,7 +52,7 @@ def _sheet(results: dict) -> list[str]:
                        + ("<th>judge</th>" if judged else "") + "</tr>")
             for r in replies:
                 out.append(f"<tr><td>{r['question']}</td><td>{escape(r['question_text'])}</td>"
-                           f"<td class=\"reply\">{escape(r['text']) or '<em>(empty)</em>'}</td>"
+                           f"<td class=\"reply\">{escape(reply_cell(r)) or '<em>(empty)</em>'}</td>"
                            f"<td>{r['ttft_s']:.2f}</td><td>{r['total_s']:.2f}</td>"
                            + "".join(_mark(r["checks"][n]) for n in names) + _mark(r["passed"])
                            + (f"<td>{escape(judge_text(r))}</td>" if judged else "") + "</tr>")

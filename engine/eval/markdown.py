@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.eval.charts import setting_label
-from engine.eval.sheet import grouped, judge_text
+from engine.eval.sheet import grouped, judge_text, reply_cell
 
 
 def _cell(text: str) -> str:
@@ -44,7 +44,8 @@ def _summary(results: dict) -> list[str]:
         judge = s.get("judge")
         rated = (f" Judge: character {judge['character']}, natural {judge['natural']} ({judge['rated']} rated, "
                  f"{judge['unavailable']} unavailable)." if judge else "")
-        lines.append(f"- {setting_label(s)}: {cases}. Checks failed: {failed}.{rated}")
+        errors = f" Errors: {s['errors']}." if s["errors"] else ""
+        lines.append(f"- {setting_label(s)}: {cases}. Checks failed: {failed}.{errors}{rated}")
     return lines
 
 
@@ -60,7 +61,7 @@ def _sheet(results: dict) -> list[str]:
             lines += [f"### {model}, T={temperature:g}, top_p={top_p:g}: {case_id}", "",
                       "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
             for r in replies:
-                row = [str(r["question"]), _cell(r["question_text"]), _cell(r["text"]), f"{r['ttft_s']:.2f}",
+                row = [str(r["question"]), _cell(r["question_text"]), _cell(reply_cell(r)), f"{r['ttft_s']:.2f}",
                        f"{r['total_s']:.2f}", *["✓" if r["checks"][n] else "✗" for n in names],
                        "✓" if r["passed"] else "✗"]
                 row += [judge_text(r)] if judged else []

@@ -59,13 +59,19 @@ class Progress:
         left = elapsed / self.done * (self.total - self.done)
         line = (f"eval [{'#' * filled}{'.' * (self.WIDTH - filled)}] {self.done}/{self.total} "
                 f"{record['model']} T={record['temperature']:g} top_p={record['top_p']:g} {record['case']} "
-                f"q{record['question']}: {record['total_s']:.1f} s {'pass' if record['passed'] else 'FAIL'} "
+                f"q{record['question']}: {record['total_s']:.1f} s {_outcome(record)} "
                 f"(about {left / 60:.0f} min left)")
         if self.tty:
             self.stream.write("\r\x1b[K" + line + ("\n" if self.done == self.total else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+def _outcome(record: dict) -> str:
+    if "error" in record:
+        return f"ERROR ({record['error'][:80]})"
+    return "pass" if record["passed"] else "FAIL"
 
 
 def run_trial(trial: Trial, progress: Progress | None = None) -> dict:

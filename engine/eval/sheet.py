@@ -20,3 +20,10 @@ def judge_text(reply: dict) -> str:
     if judge["verdict"] != "rated":
         return "unavailable"
     return f"character {judge['character']}/5, natural {judge['natural']}/5"
+
+
+def reply_cell(reply: dict) -> str:
+    """The reply's text, or what went wrong when the server failed the question."""
+    if "error" in reply:
+        return f"(error: {reply['error']})"
+    return reply["text"]

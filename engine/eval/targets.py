@@ -27,10 +27,14 @@ REQUEST_TIMEOUT_S = 300.0
 
 
 class TargetError(EngineError):
-    """The target did not answer a question: unreachable, an error status, or a body that is not
-    the simulator's contract."""
+    """The target did not answer a question: an error status, a stream that stopped with an error,
+    or a body that is not the simulator's contract. The trial records it as that reply's failure."""
 
     status = 502
+
+
+class Unreachable(TargetError):
+    """No server answers at the target's address: the trial stops."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ class UrlTarget:
             raise TargetError(f"{self.url}{path} answered {exc.code}: {_error_text(exc.read())}") from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TargetError(f"cannot reach {self.url}{path}: {reason}; is the engine running there?") from exc
+            raise Unreachable(f"cannot reach {self.url}{path}: {reason}; is the engine running there?") from exc
 
     def close(self) -> None:
         pass

@@ -67,6 +67,7 @@ def summarize(replies: list[dict]) -> dict:
         "speed": speed_rating(mean_s),
         "mean_ttft_s": round(sum(r["ttft_s"] for r in replies) / len(replies), 3),
         "replies": len(replies),
+        "errors": sum(1 for r in replies if "error" in r),
         "checks_failed": _failures(replies),
         "cases": cases,
     }
