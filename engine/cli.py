@@ -1,4 +1,4 @@
-"""`ai-engine` command line: serve (the default), ensure-model, settings.
+"""`ai-engine` command line: serve (the default), ensure-model, settings, eval, doctor and the converter's commands.
 
 Errors the engine knows about are one line on stderr and exit status 2; no tracebacks.
 """
@@ -42,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     # `python -m engine` imports it (tests/test_import_graph.py).
     from convert.cli import add_commands
     from engine.doctor import add_command as add_doctor
+    from engine.eval.command import add_command as add_eval
 
     add_commands(sub)
     add_doctor(sub)
+    add_eval(sub)
     return parser
 
 

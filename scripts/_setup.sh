@@ -112,6 +112,22 @@ ensure_node_clients() {
   printf '%s\n' "$want" > "$stamp"
 }
 
+# Debian's Chromium, for the test that opens `ai-engine eval`'s report.html in a real browser
+# (tests/test_eval_url.py). Installed only where apt-get can run as root (CI runs scripts/test.sh as
+# root on a fresh machine) or through sudo without a password; otherwise that test is skipped.
+ensure_chromium() {
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && return 0
+  command -v apt-get >/dev/null 2>&1 || { log "no apt-get: the browser test of eval's report will be skipped"; return 0; }
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    sudo -n true 2>/dev/null || { log "not root and no sudo: the browser test of eval's report will be skipped"; return 0; }
+    sudo="sudo -n"
+  fi
+  log "installing Debian's chromium for the browser test of eval's report"
+  $sudo apt-get install -y -q chromium >&2 || { $sudo apt-get update -q >&2 && $sudo apt-get install -y -q chromium >&2; } \
+    || log "apt-get could not install chromium: the browser test of eval's report will be skipped"
+}
+
 ensure_default_model() {
   "$PY" -m engine ensure-model
 }
@@ -121,5 +137,5 @@ setup_all() {
   ensure_llama_cpp
   ensure_project "${1:-}"
   ensure_default_model
-  if [ "${1:-}" = test ]; then ensure_node_clients; fi
+  if [ "${1:-}" = test ]; then ensure_node_clients; ensure_chromium; fi
 }
