@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from tests.hub_standin import HubStandIn  # noqa: E402
 from tests.server_process import REPO_ROOT  # noqa: E402
 
 REPO = "clinic/tiny-llama-GGUF"
+NODE_CLIENT = Path(__file__).parent / "node" / "ollama_models.mjs"
 STATUSES = ["pulling manifest", "verifying sha256 digest", "writing manifest", "success"]
 
 
@@ -66,7 +68,7 @@ def hf_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pull_models(tmp_path_factory, default_model_file) -> Path:
     root = tmp_path_factory.mktemp("pull-models")
-    link_or_copy(default_model_file, root / DEFAULT_MODEL)
+    link_or_copy(default_model_file.resolve(), root / DEFAULT_MODEL)  # a file, not a link out
     return root
 
 
@@ -274,3 +276,19 @@ def test_cli_pull_shows_progress_and_places_the_file(hub, ggufs, tmp_path):
                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("ai-engine: error: hf.co/clinic/tiny-llama-GGUF: no file")
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_ollama_client_pulls_and_manages_models(pull_server, ggufs):
+    if not (NODE_CLIENT.parent / "node_modules" / "ollama").is_dir():
+        pytest.skip("tests/node/node_modules is not installed (npm ci in tests/node)")
+    result = subprocess.run(["node", str(NODE_CLIENT)], capture_output=True, text=True, timeout=120, env={
+        **os.environ, "AI_ENGINE_URL": pull_server.url, "PULL_MODEL": f"hf.co/{REPO}:Q8_0"})
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["statuses"][0] == "pulling manifest" and out["last"] == {"status": "success"}
+    assert out["totals"][-1]["completed"] == out["totals"][-1]["total"] == len(ggufs["tiny-llama-Q8_0.gguf"])
+    assert out["created"] == out["copied"] == out["deleted"] == "success"
+    assert {"sofia-node:latest", "sofia-node-2:latest"} <= set(out["names"])
+    assert out["after"] == ["sofia-node-2:latest"] and 1 <= out["reply_count"] <= 3
+    assert out["missing"] == 404 and "not found" in out["missing_error"]
