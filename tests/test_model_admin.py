@@ -207,7 +207,8 @@ def test_a_created_model_answers_with_its_parameters_system_and_template(admin_s
     client = ollama.Client(host=admin_server.url)
     base = _generate(admin_server, "gemma-3-270m-q4_k_m", options={"temperature": 0, "num_predict": 12})
     client.create("paciente", from_="gemma-3-270m-q4_k_m", parameters={"num_predict": 2, "temperature": 0})
-    assert _generate(admin_server, "paciente", options={})["eval_count"] <= 2  # PARAMETER num_predict
+    reply = _generate(admin_server, "paciente", options={})
+    assert reply["eval_count"] <= 2 and reply["model"] == "paciente:latest"  # PARAMETER num_predict
     assert _generate(admin_server, "paciente", options={"num_predict": 6})["eval_count"] > 2  # the request wins
     client.create("con-sistema", from_="paciente", system="Eres Sofía, una paciente de 34 años con insomnio.")
     assert _generate(admin_server, "con-sistema")["prompt_eval_count"] > base["prompt_eval_count"] + 5

@@ -292,3 +292,21 @@ def test_node_ollama_client_pulls_and_manages_models(pull_server, ggufs):
     assert {"sofia-node:latest", "sofia-node-2:latest"} <= set(out["names"])
     assert out["after"] == ["sofia-node-2:latest"] and 1 <= out["reply_count"] <= 3
     assert out["missing"] == 404 and "not found" in out["missing_error"]
+
+
+def test_deleting_pulled_models_removes_their_files_and_folders(pull_server, pull_models):
+    import ollama
+
+    client = ollama.Client(host=pull_server.url)
+    client.create("uses-q8", from_=f"hf.co/{REPO}:Q8_0")
+    with pytest.raises(ollama.ResponseError) as err:
+        client.delete(f"hf.co/{REPO}:Q8_0")
+    assert err.value.status_code == 409 and "uses-q8" in err.value.error
+    for name in ("uses-q8", "sofia-node-2", f"hf.co/{REPO}:q8_0", f"hf.co/{REPO}:Q4_K_M"):
+        try:
+            client.delete(name)
+        except ollama.ResponseError as exc:  # sofia-node-2 exists only when the Node test ran
+            assert exc.status_code == 404 and name == "sofia-node-2"
+    assert not (pull_models / "hf.co").exists()
+    assert (pull_models / DEFAULT_MODEL).is_file()
+    assert not [m.model for m in client.list().models if m.model.startswith("hf.co/")]

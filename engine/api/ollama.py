@@ -64,21 +64,23 @@ def _stats(job: service.Job, load_s: float) -> dict:
     }
 
 
-def _respond(run: service.Run, stream: bool, wrap):
+def _respond(run: service.Run, stream: bool, wrap, preset: Preset | None = None):
     """One JSON reply, or NDJSON: a line per token, then the final line with the statistics.
-    `wrap(text)` shapes the text field of the surface (`response` or `message`)."""
+    `wrap(text)` shapes the text field of the surface (`response` or `message`); a reply from a
+    `preset` carries the preset's name, as /api/tags lists it."""
     job, load_s = run.job, run.load_seconds
+    shown = (preset.name if ":" in preset.name else preset.name + ":latest") if preset else ollama_name(job.model_name)
     if not stream:
         text = service.complete(run)
-        return jsonify({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": True,
+        return jsonify({"model": shown, "created_at": _now(), **wrap(text), "done": True,
                         **_stats(job, load_s)})
 
     def piece(text: str) -> dict | None:
-        return {"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": False} \
+        return {"model": shown, "created_at": _now(), **wrap(text), "done": False} \
             if text else None
 
     def end() -> list[dict]:
-        return [{"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
+        return [{"model": shown, "created_at": _now(), **wrap(""), "done": True,
                  **_stats(job, load_s)}]
 
     # Ollama streams an error after the 200 as an {"error": ...} line.
@@ -140,7 +142,7 @@ def generate():
 
     run = service.start(host, name, make_job, keep_alive_s=keep_alive,
                         started=started, timeout_s=r.timeout_s)
-    return _respond(run, r.stream, lambda text: {"response": text})
+    return _respond(run, r.stream, lambda text: {"response": text}, preset)
 
 
 @bp.post("/chat")
@@ -160,7 +162,7 @@ def chat():
 
     run = service.start(_host(), r.model, make_job, keep_alive_s=r.keep_alive,
                         started=started, timeout_s=r.timeout_s)
-    return _respond(run, r.stream, lambda text: {"message": {"role": "assistant", "content": text}})
+    return _respond(run, r.stream, lambda text: {"message": {"role": "assistant", "content": text}}, preset)
 
 
 @bp.get("/tags")
