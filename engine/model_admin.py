@@ -4,7 +4,8 @@ deleted from MODEL_PATH.
 - A created or copied model is a preset (engine/model_files.py `Preset`): its base GGUF, LoRA
   adapters, and the Modelfile's PARAMETER, SYSTEM and TEMPLATE. No GGUF is copied: presets share files.
 - presets.toml is rewritten whole (a new 0600 file in MODEL_PATH, fsynced, then `os.replace`d),
-  one change at a time (a lock file, also across processes); comments in it are not kept.
+  one change at a time (a lock file, also across processes); comments in it are not kept, other
+  keys and tables are. One that does not parse is never rewritten (409).
 - Deleting a preset removes only the preset. Deleting a GGUF is refused (409) while a preset uses
   it or while it is the default model; a resident one is first taken out of service (it finishes
   the requests it has, then is freed) and the file is unlinked. Only files that name resolution
@@ -14,7 +15,6 @@ deleted from MODEL_PATH.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import os
@@ -55,20 +55,21 @@ class ModelAdmin:
                         parameters={**(parent.parameters if parent else {}), **parameters},
                         system=spec.system if spec.system is not None else (parent.system if parent else None),
                         template=spec.template or (parent.template if parent else None))
-        self._update(lambda presets: presets.__setitem__(name, preset))
+        self._update(lambda tables: tables.__setitem__(name, preset_table(preset)))
         return preset
 
-    def copy(self, source: str, destination: str) -> Preset:
+    def copy(self, source: str, destination: str) -> None:
         """`destination` as a new name of `source` (a preset's copy, or a preset of a GGUF file)."""
         destination = self.check_name(destination, "destination")
         spec = self.files.resolve(source)
-        parent = self.files.presets().get(spec.preset) if spec.preset else None
-        if parent is not None:
-            preset = dataclasses.replace(parent, name=destination, aliases=())
-        else:
-            preset = Preset(name=destination, base=self.files.display_name(spec.path))
-        self._update(lambda presets: presets.__setitem__(destination, preset))
-        return preset
+
+        def change(tables: dict) -> None:
+            if spec.preset and spec.preset in tables:  # the preset's own table, keys the engine does not read too
+                tables[destination] = {k: v for k, v in tables[spec.preset].items() if k != "aliases"}
+            else:
+                tables[destination] = {"base": self.files.display_name(spec.path)}
+
+        self._update(change)
 
     def check_name(self, name: str, field: str) -> str:
         """A name a preset may take: not a GGUF file's, not a pulled hub name; `:latest` dropped."""
@@ -115,11 +116,11 @@ class ModelAdmin:
         presets = self.files.presets()
         wanted = plain_name(name)
         if wanted in presets:
-            self._update(lambda p: p.pop(wanted, None))
+            self._update(lambda tables: tables.pop(wanted, None))
             return f"preset {wanted}"
         spec = self.files.resolve(name)
         if spec.preset:  # one of a preset's aliases
-            self._update(lambda p: _drop_alias(p, spec.preset, wanted))
+            self._update(lambda tables: _drop_alias(tables, spec.preset, wanted))
             return f"alias {wanted} of preset {spec.preset}"
         path = spec.path
         rel = self.files.display_name(path)
@@ -144,14 +145,21 @@ class ModelAdmin:
             return False
 
     # -- presets.toml -------------------------------------------------------------------------
-    def _update(self, change: Callable[[dict[str, Preset]], object]) -> None:
-        """Read presets.toml, apply `change`, write it back atomically, one writer at a time."""
-        model_dir = self.files.model_dir
+    def _update(self, change: Callable[[dict], object]) -> None:
+        """Read presets.toml, apply `change` to its `presets` tables (as written: keys the engine does
+        not read are kept), write it back atomically, one writer at a time. A presets.toml that does
+        not parse is left alone (409): rewriting it would lose what the operator wrote."""
+        model_dir, path = self.files.model_dir, self.files.presets_file
         with _flock(model_dir / ".presets.lock"):
-            presets = self.files.presets()
-            change(presets)
-            text = dump_presets(presets)
-            tomllib.loads(text)  # what is written always reads back
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise Conflict(f"MODEL_PATH/presets.toml cannot be read ({exc}); fix it by hand first") from None
+            tables = data.setdefault("presets", {})
+            change(tables)
+            text = HEADER + dump_toml(data)
+            if tomllib.loads(text) != data:  # what is written always reads back the same
+                raise Conflict("presets.toml holds values this engine cannot write back; edit it by hand")
             tmp = model_dir / f".presets.toml.{uuid.uuid4().hex[:8]}.tmp"
             try:
                 with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w",
@@ -159,14 +167,15 @@ class ModelAdmin:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
-                os.replace(tmp, self.files.presets_file)
+                os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
 
 
-def _drop_alias(presets: dict[str, Preset], name: str, alias: str) -> None:
-    p = presets[name]
-    presets[name] = dataclasses.replace(p, aliases=tuple(a for a in p.aliases if plain_name(a) != alias))
+def _drop_alias(tables: dict, name: str, alias: str) -> None:
+    aliases = tables[name].get("aliases", [])
+    aliases = [aliases] if isinstance(aliases, str) else aliases
+    tables[name]["aliases"] = [a for a in aliases if plain_name(a) != alias]
 
 
 def _gguf_type(path: Path) -> str | None:
@@ -198,29 +207,47 @@ def _flock(path: Path):
         os.close(fd)
 
 
-def _toml_value(value) -> str:
+HEADER = "# Written by ai-engine (POST /api/create, /api/copy, /api/delete); comments are not kept.\n\n"
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def preset_table(p: Preset) -> dict:
+    """A preset as its presets.toml table (the fields model_files reads; empty ones left out)."""
+    table: dict = {"base": p.base}
+    for key, value in (("lora", list(p.lora)), ("scale", list(p.scale) if p.lora else []),
+                       ("aliases", list(p.aliases)), ("system", p.system), ("template", p.template),
+                       ("parameters", dict(p.parameters))):
+        if value not in (None, [], {}):
+            table[key] = value
+    return table
+
+
+def _key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _value(key)
+
+
+def _value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    # A JSON string is a TOML basic string, once DEL (which JSON leaves as it is) is escaped too.
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string, once DEL (which JSON leaves as it is) is escaped too.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    raise Conflict(f"presets.toml holds a {type(value).__name__} value this engine cannot write back")
 
 
-def dump_presets(presets: dict[str, Preset]) -> str:
-    """presets.toml for `presets` (the fields model_files reads; empty ones left out)."""
-    out = ["# Written by ai-engine (POST /api/create, /api/copy, /api/delete); comments are not kept.\n"]
-    for p in presets.values():
-        out.append(f"[presets.{_toml_value(p.name)}]")
-        out.append(f"base = {_toml_value(p.base)}")
-        for key, value in (("lora", list(p.lora)), ("scale", list(p.scale) if p.lora else []),
-                           ("aliases", list(p.aliases)), ("system", p.system), ("template", p.template)):
-            if value not in (None, []):
-                out.append(f"{key} = {_toml_value(value)}")
-        if p.parameters:
-            out.append(f"[presets.{_toml_value(p.name)}.parameters]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in p.parameters.items())
-        out.append("")
-    return "\n".join(out)
+def dump_toml(data: dict, path: tuple[str, ...] = ()) -> str:
+    """TOML for `data`: its plain keys, then each sub-table under its own header (arrays of tables
+    and dates are not written: `_update` refuses what does not read back the same)."""
+    plain = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    out = ([f"[{'.'.join(_key(p) for p in path)}]"] if path and (plain or not data) else []) + plain
+    text = "\n".join(out) + ("\n\n" if out else "")
+    for k, v in data.items():
+        if isinstance(v, dict):
+            text += dump_toml(v, (*path, k))
+    return text

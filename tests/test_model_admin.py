@@ -222,3 +222,20 @@ def test_a_created_model_answers_with_its_parameters_system_and_template(admin_s
     with pytest.raises(ollama.ResponseError) as err:
         client.delete("paciente-2")
     assert err.value.status_code == 404
+
+
+def test_presets_toml_keeps_what_the_operator_wrote_and_is_never_rewritten_unread(client, fakes):
+    path = fakes.dir / "presets.toml"
+    path.write_text('# mine\n[presets.hand]\nbase = "b.gguf"\nnote = "made by hand"\naliases = ["mano", "hand:v1"]\n'
+                    '[other]\nkept = [1, 2]\n')
+    assert client.post("/api/copy", json={"source": "hand", "destination": "hand-2"}).status_code == 200
+    assert client.delete("/api/delete", json={"model": "mano"}).status_code == 200  # an alias: only it goes
+    data = tomllib.loads(path.read_text())
+    assert data["presets"]["hand"] == {"base": "b.gguf", "note": "made by hand", "aliases": ["hand:v1"]}
+    assert data["presets"]["hand-2"] == {"base": "b.gguf", "note": "made by hand"}
+    assert data["other"] == {"kept": [1, 2]}
+    broken = 'this is [not toml\n'
+    path.write_text(broken)
+    r = client.post("/api/create", json={"model": "x", "from": "a"})
+    assert r.status_code == 409 and "presets.toml cannot be read" in r.get_json()["error"]
+    assert path.read_text() == broken
