@@ -240,8 +240,8 @@ class Pull:
             try:
                 os.replace(part, tmp)  # same file system: a rename
             except OSError:
-                with part.open("rb") as src, os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                                               0o600), "wb") as dst:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                with part.open("rb") as src, os.fdopen(os.open(tmp, flags, 0o600), "wb") as dst:
                     shutil.copyfileobj(src, dst, CHUNK)
             os.chmod(tmp, 0o600)
             with tmp.open("rb") as f:

@@ -156,7 +156,7 @@ def in_process(hub, monkeypatch, tmp_path):
     return tmp_path
 
 
-def test_a_failed_pull_leaves_nothing_under_model_path_and_resumes_next_time(in_process, hub, ggufs):
+def test_a_failed_pull_leaves_nothing_under_model_path_and_resumes_next_time(in_process, hub, ggufs, monkeypatch):
     from engine.hub_pull import HubError, Pull, plan
 
     models = in_process / "models"
@@ -169,11 +169,21 @@ def test_a_failed_pull_leaves_nothing_under_model_path_and_resumes_next_time(in_
     assert partial.stat().st_size == 40_000 and stat.S_IMODE(partial.stat().st_mode) == 0o600
     hub.requests.clear()
     events = []
+    real_replace = os.replace
+
+    def across_file_systems(src, dst):  # the staging folder on another file system: copied, then renamed
+        if str(src).endswith(".partial"):
+            raise OSError(18, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", across_file_systems)
     target = Pull(p, models).run(events.append)
     assert [r[2] for r in hub.gets()] == ["bytes=40000-"]  # only the rest was asked for
     assert hashlib.sha256(target.read_bytes()).hexdigest() == p.sha256
     assert events[1]["completed"] == 40_000 and events[-1] == {"status": "success"}
-    assert not partial.exists()
+    assert not partial.exists() and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert tree(models) == {"hf.co", "hf.co/clinic", "hf.co/clinic/tiny-llama-GGUF",
+                            "hf.co/clinic/tiny-llama-GGUF/tiny-llama-Q8_0.gguf"}  # no temporary file left
 
 
 # -- over HTTP, on a real engine ------------------------------------------------------------------

@@ -134,7 +134,8 @@ _STATUS_LINES = "NDJSON status lines (`{\"status\": ...}`), the last `{\"status\
 OLLAMA_PULL = Body("OllamaPullRequest", {
     "model": Text("`hf.co/ORG/REPO:QUANT` (or `huggingface.co/...`, or `ORG/REPO[:QUANT]`): a GGUF of a Hugging Face "
                   "repo, by its quant tag (case-insensitive); without one Q4_K_M when the repo has it, else its only "
-                  "GGUF. Saved as MODEL_PATH/hf.co/ORG/REPO/<file>.", example="hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"),
+                  "GGUF. Saved as MODEL_PATH/hf.co/ORG/REPO/<file>. Example: "
+                  "`hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M`."),
     "name": _NAME,
     "insecure": Boolean("Accepted and ignored: the hub is reached over HTTPS (or HF_ENDPOINT).", default=False),
     "stream": Boolean(_STATUS_LINES + " Errors after the first line come as an `{\"error\": ...}` line.",
