@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -109,11 +110,12 @@ def plan(ref: HubRef) -> PullPlan:
     siblings = {s.rfilename: s for s in info.siblings or []}
     filename = pick_file(ref.repo_id, sorted(siblings), ref.quant)
     sibling = siblings[filename]
-    if sibling.lfs is None or not sibling.lfs.sha256:
-        raise HubError(f"the hub reports no sha256 for {filename} in {ref.repo_id}, so it cannot be verified")
+    sha256 = str(sibling.lfs.sha256 if sibling.lfs else "").lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not isinstance(sibling.lfs.size, int) or sibling.lfs.size < 0:
+        raise HubError(f"the hub reports no sha256 and size for {filename} in {ref.repo_id}, so it cannot be verified")
     repo_id = info.id if info.id and info.id.lower() == ref.repo_id.lower() else ref.repo_id
-    return PullPlan(repo_id=repo_id, revision=info.sha or "main", filename=filename, size=int(sibling.lfs.size),
-                    sha256=sibling.lfs.sha256.lower(), rel=local_path(repo_id, filename).as_posix())
+    return PullPlan(repo_id=repo_id, revision=info.sha or "main", filename=filename, size=sibling.lfs.size,
+                    sha256=sha256, rel=local_path(repo_id, filename).as_posix())
 
 
 def _first_line(exc: BaseException) -> str:

@@ -7,7 +7,8 @@ huggingface-hub (pointed at it with HF_ENDPOINT): nothing leaves the machine in 
   `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `Accept-Ranges`) and `Range: bytes=N-` answered 206.
 
 Faults a test asks for: `cut_after` (the next GETs send that many bytes of the body, then close the
-connection), `corrupt` (serve other bytes than the sha256 the metadata states). Every request is
+connection), `corrupt` (serve other bytes than the sha256 the metadata states), `sha256` (metadata
+that states another digest for a file). Every request is
 recorded (`requests`: method, path, Range header).
 """
 
@@ -29,6 +30,7 @@ class HubStandIn:
     repos: dict[str, dict[str, bytes]] = field(default_factory=dict)  # repo id -> file name -> bytes
     cut_after: list[int] = field(default_factory=list)  # one entry per GET to cut, used up in order
     corrupt: bool = False
+    sha256: dict[str, str] = field(default_factory=dict)  # file name -> the sha256 the metadata states instead
     requests: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -53,7 +55,8 @@ class HubStandIn:
         files = self.repos[repo_id]
         return {"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private": False, "siblings": [
             {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(data).hexdigest(),
-             "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}}
+             "lfs": {"sha256": self.sha256.get(name, hashlib.sha256(data).hexdigest()), "size": len(data),
+                     "pointerSize": 134}}
             for name, data in files.items()]}
 
 

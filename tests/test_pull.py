@@ -186,6 +186,20 @@ def test_a_failed_pull_leaves_nothing_under_model_path_and_resumes_next_time(in_
                             "hf.co/clinic/tiny-llama-GGUF/tiny-llama-Q8_0.gguf"}  # no temporary file left
 
 
+@pytest.mark.parametrize("stated", ["../../../etc/passwd", "", "0" * 63, "f" * 64])
+def test_metadata_that_cannot_be_checked_or_does_not_match_is_refused(in_process, hub, stated):
+    from engine.hub_pull import HubError, Pull, plan
+
+    hub.sha256["tiny-llama-Q8_0.gguf"] = stated
+    try:
+        with pytest.raises(HubError):
+            Pull(plan(parse_ref(f"hf.co/{REPO}:Q8_0")), in_process / "models").run(lambda e: None)
+    finally:
+        hub.sha256.clear()
+    assert tree(in_process / "models") == set()
+    assert not list((in_process / "cache").rglob("*.partial"))
+
+
 # -- over HTTP, on a real engine ------------------------------------------------------------------
 def test_pull_streams_ollama_progress_and_the_model_then_answers(pull_server, pull_models, hub, ggufs):
     lines = pull_lines(pull_server, {"model": f"hf.co/{REPO}"})  # no tag: Q4_K_M
