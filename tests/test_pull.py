@@ -186,6 +186,22 @@ def test_a_failed_pull_leaves_nothing_under_model_path_and_resumes_next_time(in_
                             "hf.co/clinic/tiny-llama-GGUF/tiny-llama-Q8_0.gguf"}  # no temporary file left
 
 
+def test_a_second_pull_of_the_same_file_at_once_is_a_409(in_process, hub):
+    import fcntl
+
+    from engine.hub_pull import PullInProgress, Pull, plan, staging_dir
+
+    p = plan(parse_ref(f"hf.co/{REPO}:Q8_0"))
+    staging_dir().mkdir(parents=True)
+    with open(staging_dir() / f"{p.sha256}.lock", "w") as held:  # what a running pull holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PullInProgress) as err:
+            Pull(p, in_process / "models").run(lambda e: None)
+    assert err.value.status == 409 and "being pulled already" in err.value.message
+    assert tree(in_process / "models") == set()
+    assert Pull(p, in_process / "models").run(lambda e: None).is_file()  # once it is free
+
+
 @pytest.mark.parametrize("stated", ["../../../etc/passwd", "", "0" * 63, "f" * 64])
 def test_metadata_that_cannot_be_checked_or_does_not_match_is_refused(in_process, hub, stated):
     from engine.hub_pull import HubError, Pull, plan
