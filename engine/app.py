@@ -14,7 +14,7 @@ import uuid
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from engine.api import docs, ollama, openai, ops, simulator
+from engine.api import docs, ollama, ollama_models, openai, ops, simulator
 from engine.api.http import HostRefused, Unauthorized, http_error_headers, request_fields
 from engine.api.openai import openai_http_error
 from engine.errors import EngineError
@@ -43,7 +43,7 @@ def create_app(settings: Settings | None = None, host: ModelManager | None = Non
     app.extensions["model_host"] = host or ModelManager(settings)
     app.extensions["replica_id"] = replica_id
 
-    for blueprint in (simulator.bp, ollama.bp, openai.bp, ops.bp, docs.bp):
+    for blueprint in (simulator.bp, ollama.bp, ollama_models.bp, openai.bp, ops.bp, docs.bp):
         app.register_blueprint(blueprint)
     _register_hooks(app, settings)
     _register_error_handlers(app)
@@ -144,7 +144,7 @@ def _preflight(origins: list[str]) -> Response:
     if origin and ("*" in origins or origin in origins):
         response.headers.update({
             "Access-Control-Allow-Origin": "*" if "*" in origins else origin,
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Content-Type, Authorization, X-API-Key, X-Request-ID",
             "Access-Control-Max-Age": "600", "Vary": "Origin"})
     return response

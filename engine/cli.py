@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     ensure.add_argument("--model-path", dest="model_path", default=None, metavar="MODEL_PATH",
                         help="folder to put it in (env MODEL_PATH)")
 
+    pull = sub.add_parser("pull", help="download a GGUF from the Hugging Face hub into MODEL_PATH",
+                          description="Download a GGUF from the Hugging Face hub (through huggingface-hub: HF_TOKEN "
+                                      "and HF_ENDPOINT apply) into MODEL_PATH/hf.co/ORG/REPO/, resumed after a cut "
+                                      "connection, checked against the hub's sha256, placed atomically. It is then "
+                                      "served as hf.co/ORG/REPO:QUANT.")
+    pull.add_argument("name", metavar="NAME", help="hf.co/ORG/REPO[:QUANT] (or huggingface.co/..., or ORG/REPO)")
+    pull.add_argument("--quant", default=None, help="the quant tag of the GGUF to take (e.g. Q4_K_M; default: Q4_K_M "
+                                                    "when the repo has it, else its only GGUF)")
+    pull.add_argument("--model-path", dest="model_path", default=None, metavar="MODEL_PATH",
+                      help="folder of GGUF models (env MODEL_PATH)")
+
     sub.add_parser("settings", help="print the configuration table (Markdown, as in docs/configuration.md)")
 
     # Converter commands (convert, quantize, verify) live in the convert package; each sets
@@ -73,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(ensure_default_model(Settings.load(args=args).model_path.resolve()))
             return 0
+        if args.command == "pull":
+            _configure_logging("WARNING")
+            return _pull(args)
         if args.command == "settings":
             print(Settings.markdown_table())
             return 0
@@ -93,3 +107,36 @@ def _configure_logging(level: str) -> None:
     from engine.logs import configure_logging
 
     configure_logging(level, "text")
+
+
+def _pull(args: argparse.Namespace) -> int:
+    """`ai-engine pull`: the status lines as Ollama's CLI shows them, a progress bar for the download."""
+    from tqdm import tqdm
+
+    from engine.hub_names import parse_ref
+    from engine.hub_pull import Pull, plan
+
+    ref = parse_ref(args.name, args.quant, field="NAME")
+    model_dir = Settings.load(args=args).model_path.expanduser().resolve()
+    bar = None
+
+    def show(event: dict) -> None:
+        nonlocal bar
+        if "completed" in event:
+            if bar is None:
+                bar = tqdm(total=event["total"], initial=event["completed"], unit="B", unit_scale=True,
+                           unit_divisor=1024, desc=event["status"], file=sys.stderr)
+            bar.update(event["completed"] - bar.n)
+            return
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(event["status"], file=sys.stderr)
+
+    try:
+        target = Pull(plan(ref), model_dir).run(show)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(target)
+    return 0

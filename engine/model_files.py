@@ -8,6 +8,7 @@ serve start-up (MODEL, LORA), `/load-model`, and every request's `model` field.
 Name resolution, first match wins (an Ollama tag `:latest` is the same as no tag):
 1. a preset in MODEL_PATH/presets.toml (by its name or one of its `aliases`);
 2. a GGUF under MODEL_PATH by relative path, file name or stem, with or without `.gguf`;
+   a pulled one also as `hf.co/ORG/REPO:QUANT` (engine/hub_names.py);
 3. an alias from the catalog (`models/catalog.toml`, e.g. `llama3.1:8b`) whose file is under
    MODEL_PATH.
 """
@@ -17,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from engine.catalog import load_catalog
 from engine.errors import ModelNotFound, ModelRefused
+from engine.hub_names import find_pulled
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,13 +43,17 @@ class Adapter:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named combination from MODEL_PATH/presets.toml: base model + adapters + scales."""
+    """A named combination from MODEL_PATH/presets.toml: base model + adapters + scales, and what
+    `POST /api/create` keeps with them (a Modelfile's PARAMETER, SYSTEM and TEMPLATE)."""
 
     name: str
     base: str
     lora: tuple[str, ...] = ()
     scale: tuple[float, ...] = (1.0,)
     aliases: tuple[str, ...] = ()
+    parameters: dict = field(default_factory=dict, hash=False, compare=False)  # Ollama options
+    system: str | None = None
+    template: str | None = None  # a Jinja chat template, instead of the GGUF's
 
 
 @dataclass(frozen=True)
@@ -157,6 +163,9 @@ class ModelFiles:
         path = self.find_model(wanted)
         if path is not None:
             return ModelSpec(path)
+        pulled = find_pulled(wanted, self.list_models())
+        if pulled is not None:
+            return ModelSpec(self.model_dir / pulled)
         for entry in load_catalog().values():
             if wanted in {plain_name(a) for a in entry.ollama}:
                 path = self.find_model(entry.file)
@@ -237,9 +246,13 @@ class ModelFiles:
         return tuple(Adapter(p, self.display_name(p), float(sc)) for p, sc in zip(paths, scales))
 
     # -- what is there -----------------------------------------------------------------------
+    @property
+    def presets_file(self) -> Path:
+        return self.model_dir / "presets.toml"
+
     def presets(self) -> dict[str, Preset]:
         """Named base + adapter combinations from MODEL_PATH/presets.toml (none if absent)."""
-        path = self.model_dir / "presets.toml"
+        path = self.presets_file
         if not path.is_file():
             return {}
         try:
@@ -254,7 +267,9 @@ class ModelFiles:
             aliases = p.get("aliases", ())
             out[name] = Preset(name=name, base=p["base"], lora=tuple([lora] if isinstance(lora, str) else lora),
                                scale=tuple(scale if isinstance(scale, list) else [scale]),
-                               aliases=tuple([aliases] if isinstance(aliases, str) else aliases))
+                               aliases=tuple([aliases] if isinstance(aliases, str) else aliases),
+                               parameters=dict(p.get("parameters", {})), system=p.get("system"),
+                               template=p.get("template"))
         return out
 
     def aliases(self) -> dict[str, str]:

@@ -36,6 +36,10 @@ ERROR_REASONS = {
            "does not fit the context).",
     "401": "ENGINE_API_KEY is set and the request has no valid key.",
     "404": "The model (or file) named is not under MODEL_PATH.",
+    "409": "In conflict with what is there: a model file a preset uses or the default model (delete), a name "
+           "that is a GGUF file's (create, copy), the same file being pulled already.",
+    "502": "The Hugging Face hub could not be reached, refused the request, or sent bytes whose sha256 is not "
+           "the one it states (nothing is written to MODEL_PATH).",
     "413": "The request body is larger than MAX_BODY_BYTES.",
     "415": "The body was not sent as `Content-Type: application/json`.",
     "403": "The model is not loaded and LOAD_ON_REQUEST is off.",
@@ -325,6 +329,40 @@ def _ollama_paths() -> dict:
     }
 
 
+def _ollama_management_paths() -> dict:
+    """/api/pull, /api/create, /api/copy and /api/delete (engine/api/ollama_models.py)."""
+    status = _object({"status": {"type": "string"}, "digest": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+                      "total": {"type": "integer", "minimum": 0}, "completed": {"type": "integer", "minimum": 0}},
+                     ("status",), description="`{\"status\": \"success\"}` when `stream` is false.")
+    lines = ("One JSON object a line: `{\"status\": ...}` (a download's lines add `digest`, `total` and "
+             "`completed` bytes), the last `{\"status\": \"success\"}`; a failure after the 200 ends the "
+             "stream with `{\"error\": ...}`.")
+    empty = {"200": {"description": "Done (an empty body, as Ollama answers)."}}
+    return {
+        "/api/pull": {"post": {
+            "tags": ["ollama"], "operationId": "ollamaPull",
+            "summary": "Download a GGUF from the Hugging Face hub into MODEL_PATH (resumed, sha256-checked).",
+            "requestBody": _body(_ref("OllamaPullRequest")),
+            "responses": {**_ok(status, "The last status, or NDJSON when `stream` (the default).", replies.NDJSON,
+                                lines), **_errors(400, 401, 404, 409, 413, 415, 502)}}},
+        "/api/create": {"post": {
+            "tags": ["ollama"], "operationId": "ollamaCreate",
+            "summary": "Create a model (a preset) from a Modelfile or from `from`, `parameters`, `system`, ...",
+            "requestBody": _body(_ref("OllamaCreateRequest")),
+            "responses": {**_ok(status, "The last status, or NDJSON when `stream` (the default).", replies.NDJSON,
+                                lines), **_errors(400, 401, 404, 409, 413, 415)}}},
+        "/api/copy": {"post": {
+            "tags": ["ollama"], "operationId": "ollamaCopy", "summary": "Give a model a second name (a preset).",
+            "requestBody": _body(_ref("OllamaCopyRequest")),
+            "responses": {**empty, **_errors(400, 401, 404, 409, 413, 415)}}},
+        "/api/delete": {"delete": {
+            "tags": ["ollama"], "operationId": "ollamaDelete",
+            "summary": "Delete a preset, or a GGUF file under MODEL_PATH.",
+            "requestBody": _body(_ref("OllamaDeleteRequest")),
+            "responses": {**empty, **_errors(400, 401, 404, 409, 413, 415)}}},
+    }
+
+
 # -- OpenAI ---------------------------------------------------------------------------------------
 def _openai_schemas() -> dict[str, Schema]:
     usage = _object({k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens",
@@ -441,7 +479,8 @@ def openapi_document() -> dict:
         "tags": [{"name": n} for n in ("simulator", "ollama", "openai", "operations")],
         # An API key is optional (ENGINE_API_KEY): the empty requirement says "none needed when unset".
         "security": [{}, {"bearerAuth": []}, {"apiKeyHeader": []}],
-        "paths": {**_simulator_paths(), **_ollama_paths(), **_openai_paths(), **_operations_paths()},
+        "paths": {**_simulator_paths(), **_ollama_paths(), **_ollama_management_paths(), **_openai_paths(),
+                  **_operations_paths()},
         "components": {
             "schemas": schemas,
             "securitySchemes": {

@@ -188,11 +188,11 @@ def stop_key(stop: Sequence[str] | None) -> tuple:
     return ("default",) if stop is None else ("stop", *stop)
 
 
-def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]]) -> ChatPrompt:
-    """`messages` rendered for `model` with its GGUF chat template (or the fallback transcript).
-    The caller holds a lease on `model` (its vocabulary is read)."""
+def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]], template: str | None = None) -> ChatPrompt:
+    """`messages` rendered for `model` with `template` (a preset's), else its GGUF chat template, else
+    the fallback transcript. The caller holds a lease on `model` (its vocabulary is read)."""
     bos, eos, adds_bos = model.engine.special_token_text()
-    return chat_prompt(model.metadata.get("tokenizer.chat_template"), messages, bos_token=bos,
+    return chat_prompt(template or model.metadata.get("tokenizer.chat_template"), messages, bos_token=bos,
                        eos_token=eos, tokenizer_adds_bos=adds_bos)
 
 

@@ -76,3 +76,26 @@ def test_presets_are_models_on_ollama_and_openai(lora_server):
     health = requests.get(lora_server.url + "/health", timeout=10).json()  # resident beside the default
     preset = next(m for m in health["models"] if m["preset"] == "persona")
     assert preset["lora"] == [{"name": "persona-lora.gguf", "scale": 0.8}] and not preset["default"]
+
+
+def test_a_model_created_with_an_adapter_applies_it(lora_server, lora_models):
+    """POST /api/create with a Modelfile's ADAPTER: a preset whose replies carry the adapter (#20)."""
+    r = requests.post(lora_server.url + "/api/create", timeout=60, json={
+        "model": "persona-created", "modelfile": "FROM tiny.gguf\nADAPTER persona-lora.gguf\nPARAMETER temperature 0",
+        "stream": False})
+    assert r.status_code == 200 and r.json() == {"status": "success"}, r.text
+    assert "[presets.persona]" in (lora_models / "presets.toml").read_text()  # the hand-written one is kept
+
+    def reply(model: str) -> dict:
+        r = requests.post(lora_server.url + "/api/generate", timeout=60, json={
+            "model": model, "prompt": "hola amigo cómo estás hoy", "raw": True, "stream": False,
+            "options": {"num_predict": 12, "temperature": 0}})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    created, base = reply("persona-created"), reply("tiny")
+    assert created["model"] == "persona-created:latest"
+    assert created["response"] != base["response"]
+    health = requests.get(lora_server.url + "/health", timeout=10).json()
+    resident = next(m for m in health["models"] if m["preset"] == "persona-created")
+    assert resident["lora"] == [{"name": "persona-lora.gguf", "scale": 1.0}]

@@ -93,6 +93,10 @@ MINIMAL = {
     "OllamaGenerateRequest": {"model": "a"},
     "OllamaChatRequest": {"model": "a", "messages": [{"role": "user", "content": "Hola"}]},
     "OllamaShowRequest": {"model": "a"},
+    "OllamaPullRequest": {"model": "hf.co/org/repo"},
+    "OllamaDeleteRequest": {"model": "a"},
+    "OllamaCopyRequest": {"source": "a", "destination": "b"},
+    "OllamaCreateRequest": {"model": "x"},
     "CompletionRequest": {"model": "a", "prompt": "Hola"},
     "ChatCompletionRequest": {"model": "a", "messages": [{"role": "user", "content": "Hola"}]},
 }

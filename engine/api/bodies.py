@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
-from engine.api.fields import (Body, Boolean, Duration, Integer, Messages, Nested, Number, Only, OnePrompt,
+from engine.api.fields import (Body, Boolean, Duration, Integer, Messages, NameMap, Nested, Number, Only, OnePrompt,
                                Scales, Stops, StringList, Text, Timeout, Unsupported)
 from engine.generation import SamplingParams
 
@@ -129,6 +129,52 @@ OLLAMA_SHOW = Body("OllamaShowRequest", {
     "name": Text("Older name of `model`."),
 }, one_of=("model", "name"))
 
+_NAME = Text("Older name of `model`.")
+_STATUS_LINES = "NDJSON status lines (`{\"status\": ...}`), the last `{\"status\": \"success\"}`; false: only the last."
+OLLAMA_PULL = Body("OllamaPullRequest", {
+    "model": Text("`hf.co/ORG/REPO:QUANT` (or `huggingface.co/...`, or `ORG/REPO[:QUANT]`): a GGUF of a Hugging Face "
+                  "repo, by its quant tag (case-insensitive); without one Q4_K_M when the repo has it, else its only "
+                  "GGUF. Saved as MODEL_PATH/hf.co/ORG/REPO/<file>. Example: "
+                  "`hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M`."),
+    "name": _NAME,
+    "insecure": Boolean("Accepted and ignored: the hub is reached over HTTPS (or HF_ENDPOINT).", default=False),
+    "stream": Boolean(_STATUS_LINES + " Errors after the first line come as an `{\"error\": ...}` line.",
+                      default=True),
+}, one_of=("model", "name"))
+
+OLLAMA_DELETE = Body("OllamaDeleteRequest", {
+    "model": Text("A preset (removed; its GGUF stays) or a GGUF under MODEL_PATH (deleted; 409 while a preset uses "
+                  "it or it is the default model)."),
+    "name": _NAME,
+}, one_of=("model", "name"))
+
+OLLAMA_COPY = Body("OllamaCopyRequest", {
+    "source": Text("A model name (a preset, a GGUF under MODEL_PATH, a pulled `hf.co/...` name).", required=True),
+    "destination": Text("The new name: a preset (no file is copied). An existing preset of that name is replaced.",
+                        required=True),
+})
+
+OLLAMA_CREATE = Body("OllamaCreateRequest", {
+    "model": Text("The new model's name: a preset in MODEL_PATH/presets.toml (one of that name is replaced)."),
+    "name": _NAME,
+    "from": Text("The base: a GGUF under MODEL_PATH, a pulled `hf.co/...` name, or a preset (whose adapters, "
+                 "parameters, system and template it starts from). Overrides the Modelfile's FROM."),
+    "modelfile": Text("A Modelfile: FROM, PARAMETER, SYSTEM, TEMPLATE and ADAPTER (older clients send this).",
+                      blank_ok=True),
+    "adapters": NameMap("LoRA adapter GGUFs under MODEL_PATH (names, or an object whose keys are the names).",
+                        max_items=16),
+    "parameters": Nested("Default options of the new model (Ollama's names); a request's own `options` win.",
+                         body=OLLAMA_OPTIONS),
+    "system": Text("Default system prompt.", blank_ok=True),
+    "template": Text("A Jinja chat template (as a GGUF's tokenizer.chat_template) used instead of the model's. "
+                     "Ollama's Go templates are refused.", blank_ok=True),
+    "stream": Boolean(_STATUS_LINES, default=True),
+    "files": Unsupported("Uploaded blobs: put GGUF files under MODEL_PATH and name them in `from`."),
+    "quantize": Unsupported("Quantizing: use `ai-engine quantize`."),
+    "messages": Unsupported("Messages."),
+    "license": Unsupported("License text."),
+}, one_of=("model", "name"))
+
 # -- OpenAI ----------------------------------------------------------------------------------------
 _ONLY = "Only the value(s) listed are accepted; others are refused with a 400."
 
@@ -170,8 +216,8 @@ CHAT_COMPLETION = _openai("ChatCompletionRequest", {"messages": OLLAMA_CHAT.fiel
     fallback="max_completion_tokens"))
 
 # Every body that has a name in the OpenAPI document's components.
-BODIES = (GENERATE, LOAD_MODEL, OLLAMA_OPTIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OLLAMA_SHOW, COMPLETION,
-          CHAT_COMPLETION)
+BODIES = (GENERATE, LOAD_MODEL, OLLAMA_OPTIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OLLAMA_SHOW, OLLAMA_PULL,
+          OLLAMA_DELETE, OLLAMA_COPY, OLLAMA_CREATE, COMPLETION, CHAT_COMPLETION)
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 

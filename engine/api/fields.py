@@ -212,6 +212,23 @@ class StringList(Field):
 
 
 @dataclass(frozen=True)
+class NameMap(StringList):
+    """Names given as one string, a list, or the keys of an object (Ollama's `adapters`: file name ->
+    digest); read as a list of the names."""
+
+    def check(self, value: Any, name: str) -> list[str]:
+        if isinstance(value, dict):
+            if not all(isinstance(v, str) for v in value.values()):
+                raise BadRequest(f"'{name}' must map names to strings", field=name)
+            value = list(value)
+        return super().check(value, name)
+
+    def shape(self) -> Schema:
+        return {"anyOf": [*super().shape()["anyOf"], {"type": "object", "additionalProperties": {"type": "string"},
+                                                      "maxProperties": self.max_items}]}
+
+
+@dataclass(frozen=True)
 class Stops(StringList):
     """Stop strings: also within generation.check_stops's limits. A schema bounds each string's
     length, not their sum: the description says it."""

@@ -20,8 +20,10 @@ from engine.api import service
 from engine.api import bodies, replies
 from engine.api import validation as v
 from engine.api.bodies import OLLAMA_DEFAULTS as DEFAULTS
-from engine.errors import BadRequest, ModelNotFound
+from engine.errors import BadRequest, EngineError, ModelNotFound
 from engine.generation import SamplingParams
+from engine.hub_names import pulled_name
+from engine.model_files import Preset
 from engine.model_manager import ModelManager
 
 bp = Blueprint("ollama", __name__, url_prefix="/api")
@@ -37,8 +39,9 @@ def _now() -> str:
 
 
 def ollama_name(rel: str) -> str:
-    """How a file under MODEL_PATH is named on this surface: `gemma-3-270m-q4_k_m:latest`."""
-    return rel.removesuffix(".gguf") + ":latest"
+    """How a file under MODEL_PATH is named on this surface: `gemma-3-270m-q4_k_m:latest`; a pulled
+    one as it was pulled, `hf.co/ORG/REPO:QUANT`."""
+    return pulled_name(rel) or rel.removesuffix(".gguf") + ":latest"
 
 
 def _params(options) -> SamplingParams:
@@ -61,21 +64,23 @@ def _stats(job: service.Job, load_s: float) -> dict:
     }
 
 
-def _respond(run: service.Run, stream: bool, wrap):
+def _respond(run: service.Run, stream: bool, wrap, preset: Preset | None = None):
     """One JSON reply, or NDJSON: a line per token, then the final line with the statistics.
-    `wrap(text)` shapes the text field of the surface (`response` or `message`)."""
+    `wrap(text)` shapes the text field of the surface (`response` or `message`); a reply from a
+    `preset` carries the preset's name, as /api/tags lists it."""
     job, load_s = run.job, run.load_seconds
+    shown = (preset.name if ":" in preset.name else preset.name + ":latest") if preset else ollama_name(job.model_name)
     if not stream:
         text = service.complete(run)
-        return jsonify({"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": True,
+        return jsonify({"model": shown, "created_at": _now(), **wrap(text), "done": True,
                         **_stats(job, load_s)})
 
     def piece(text: str) -> dict | None:
-        return {"model": ollama_name(job.model_name), "created_at": _now(), **wrap(text), "done": False} \
+        return {"model": shown, "created_at": _now(), **wrap(text), "done": False} \
             if text else None
 
     def end() -> list[dict]:
-        return [{"model": ollama_name(job.model_name), "created_at": _now(), **wrap(""), "done": True,
+        return [{"model": shown, "created_at": _now(), **wrap(""), "done": True,
                  **_stats(job, load_s)}]
 
     # Ollama streams an error after the 200 as an {"error": ...} line.
@@ -83,15 +88,39 @@ def _respond(run: service.Run, stream: bool, wrap):
     return service.streaming_response(lines, run, replies.NDJSON.mimetype)
 
 
+def _with_preset(body: dict, host: ModelManager) -> tuple[dict, Preset | None]:
+    """The request with the defaults of the preset its `model` names (POST /api/create's PARAMETER
+    under the request's own `options`, SYSTEM when it sends none) and that preset; else as it is."""
+    name = body.get("model")
+    presets = host.files.presets() if isinstance(name, str) and name.strip() else {}
+    if not presets:
+        return body, None
+    try:
+        spec = host.files.resolve(name)
+    except EngineError:
+        return body, None  # the handler answers for an unknown model
+    preset = presets.get(spec.preset) if spec.preset else None
+    if preset is None:
+        return body, None
+    options = body.get("options")
+    if preset.parameters and (options is None or isinstance(options, dict)):
+        body = {**body, "options": {**preset.parameters, **(options or {})}}
+    if preset.system is not None and body.get("system") is None:
+        body = {**body, "system": preset.system}
+    return body, preset
+
+
 @bp.post("/generate")
 def generate():
     """Complete `prompt` (with `system`); applies the model's chat template unless `raw` is true
     or the model has none (then the prompt is used as it is, like Ollama's `{{ .Prompt }}`)."""
     started = time.perf_counter()
-    r = bodies.OLLAMA_GENERATE.parse(v.json_body())
-    name, prompt, system, keep_alive = r.model, r.prompt, r.system, r.keep_alive
-    params, stop = _params(r.options), r.options.stop
     host = _host()
+    body, preset = _with_preset(v.json_body(), host)
+    r = bodies.OLLAMA_GENERATE.parse(body)
+    name, prompt, system, keep_alive = r.model, r.prompt, r.system, r.keep_alive
+    template = preset.template if preset else None
+    params, stop = _params(r.options), r.options.stop
     if not prompt.strip():  # Ollama: an empty prompt just loads the model, or unloads it with keep_alive 0
         if keep_alive == 0:
             host.unload(name)
@@ -103,9 +132,9 @@ def generate():
 
     def make_job(model) -> service.Job:
         text, extra_stops = prompt, ()
-        if not r.raw and model.metadata.get("tokenizer.chat_template"):
+        if not r.raw and (template or model.metadata.get("tokenizer.chat_template")):
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-            chat = service.chat_prompt_for(model, messages)
+            chat = service.chat_prompt_for(model, messages, template)
             text, extra_stops = chat.text, chat.extra_stops
         elif system and not r.raw:
             text = f"{system}\n\n{text}"
@@ -113,23 +142,27 @@ def generate():
 
     run = service.start(host, name, make_job, keep_alive_s=keep_alive,
                         started=started, timeout_s=r.timeout_s)
-    return _respond(run, r.stream, lambda text: {"response": text})
+    return _respond(run, r.stream, lambda text: {"response": text}, preset)
 
 
 @bp.post("/chat")
 def chat():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
-    r = bodies.OLLAMA_CHAT.parse(v.json_body())
+    body, preset = _with_preset(v.json_body(), _host())
+    r = bodies.OLLAMA_CHAT.parse(body)
     params, stop = _params(r.options), r.options.stop
+    messages = r.messages
+    if preset and preset.system is not None and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": preset.system}, *messages]
 
     def make_job(model) -> service.Job:
-        prompt = service.chat_prompt_for(model, r.messages)
+        prompt = service.chat_prompt_for(model, messages, preset.template if preset else None)
         return service.plain_job(prompt.text, params, (stop or []) + list(prompt.extra_stops), started)
 
     run = service.start(_host(), r.model, make_job, keep_alive_s=r.keep_alive,
                         started=started, timeout_s=r.timeout_s)
-    return _respond(run, r.stream, lambda text: {"message": {"role": "assistant", "content": text}})
+    return _respond(run, r.stream, lambda text: {"message": {"role": "assistant", "content": text}}, preset)
 
 
 @bp.get("/tags")
@@ -167,20 +200,27 @@ def show():
     name = r.model or r.name
     host = _host()
     try:
-        path = host.files.resolve(name).path
+        spec = host.files.resolve(name)
     except ModelNotFound:
         return jsonify(error=f"model '{name}' not found"), 404
+    path = spec.path
+    preset = host.files.presets().get(spec.preset) if spec.preset else None
     try:
         d = gguf_info.describe(path, name)
     except gguf_info.GGUFFormatError as exc:
         raise BadRequest(f"model '{name}' is not a readable GGUF file: {exc}", field="model") from exc
-    template = d.metadata.get("tokenizer.chat_template") or "{{ .Prompt }}"
-    parameters = "\n".join(f"{k} {getattr(DEFAULTS, a)}" for k, a in (
-        ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"), ("repeat_penalty", "repeat_penalty")))
+    template = (preset and preset.template) or d.metadata.get("tokenizer.chat_template") or "{{ .Prompt }}"
+    values = {k: getattr(DEFAULTS, k) for k in ("temperature", "top_p", "top_k", "repeat_penalty")}
+    values.update(preset.parameters if preset else {})
+    parameters = "\n".join(f"{k} {x}" for k, val in values.items() for x in (val if isinstance(val, list) else [val]))
     model_info = {k: val for k, val in d.metadata.items() if not k.startswith("tokenizer.chat_template")}
     # MODEL_PATH-relative, as /health names files: no absolute path for a caller without a key.
-    return jsonify(modelfile=f"FROM {host.files.display_name(path)}\n", parameters=parameters, template=template, details=_details(d),
-                   model_info=model_info, capabilities=["completion"], modified_at=d.modified_at)
+    modelfile = f"FROM {host.files.display_name(path)}\n" + "".join(f"ADAPTER {a.name}\n" for a in spec.adapters)
+    body = dict(modelfile=modelfile, parameters=parameters, template=template, details=_details(d),
+                model_info=model_info, capabilities=["completion"], modified_at=d.modified_at)
+    if preset and preset.system is not None:
+        body["system"] = preset.system
+    return jsonify(body)
 
 
 @bp.get("/ps")
