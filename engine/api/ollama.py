@@ -41,9 +41,12 @@ def ollama_name(rel: str) -> str:
     return rel.removesuffix(".gguf") + ":latest"
 
 
-def _params(options) -> SamplingParams:
-    """The sampling settings of a parsed `options` (num_ctx is accepted; the context is N_CTX)."""
-    return bodies.sampling(options, DEFAULTS, max_tokens=max(options.num_predict, 0))
+def _params(r) -> SamplingParams:
+    """The sampling settings of a parsed request's `options` (num_ctx is accepted; the context is
+    N_CTX), held to its `format` if it has one."""
+    options = r.options
+    return bodies.sampling(options, DEFAULTS, max_tokens=max(options.num_predict, 0),
+                           grammar=bodies.grammar_of(r.format))
 
 
 def _stats(job: service.Job, load_s: float) -> dict:
@@ -90,7 +93,7 @@ def generate():
     started = time.perf_counter()
     r = bodies.OLLAMA_GENERATE.parse(v.json_body())
     name, prompt, system, keep_alive = r.model, r.prompt, r.system, r.keep_alive
-    params, stop = _params(r.options), r.options.stop
+    params, stop = _params(r), r.options.stop
     host = _host()
     if not prompt.strip():  # Ollama: an empty prompt just loads the model, or unloads it with keep_alive 0
         if keep_alive == 0:
@@ -121,7 +124,7 @@ def chat():
     """Reply to `messages`, rendered with the model's chat template (or the fallback transcript)."""
     started = time.perf_counter()
     r = bodies.OLLAMA_CHAT.parse(v.json_body())
-    params, stop = _params(r.options), r.options.stop
+    params, stop = _params(r), r.options.stop
 
     def make_job(model) -> service.Job:
         prompt = service.chat_prompt_for(model, r.messages)
