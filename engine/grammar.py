@@ -293,9 +293,25 @@ class Candidates:
         return not math.isinf(s.data[0].logit)
 
 
+@dataclass
+class GrammarStats:
+    """Tokens sampled under a grammar, and how many of them the grammar refused at first (each
+    of those cost a pass of the grammar over the whole vocabulary)."""
+
+    tokens: int = 0
+    resampled: int = 0
+
+
+stats = GrammarStats()
+
+
 class GrammarSampler:
     """A constrained sequence's sampler: its ordinary chain (native, also for greedy) and its
-    grammar (llama_sampler_init_grammar on the model's vocabulary). `free()` frees both, once."""
+    grammar (llama_sampler_init_grammar on the model's vocabulary). `free()` frees both, once.
+    `check_first` False applies the grammar to every whole row first, as llama-cpp-python's own
+    sampler does (scripts/bench_grammar.py compares the two)."""
+
+    check_first = True
 
     def __init__(self, lib, vocab, chain, grammar: str, candidates: Candidates) -> None:
         global _live
@@ -310,9 +326,13 @@ class GrammarSampler:
     def sample(self, logits: np.ndarray) -> int:
         """The next token for this logits row, one the grammar allows; accepted by both."""
         lib, cand = self.lib, self.candidates
-        lib.llama_sampler_apply(self.chain, cand.fill(logits))
-        token = cand.chosen()
-        if not cand.allows(self.grammar, token):  # resample with the grammar over the whole row
+        stats.tokens += 1
+        token = -1
+        if self.check_first:
+            lib.llama_sampler_apply(self.chain, cand.fill(logits))
+            token = cand.chosen()
+        if token < 0 or not cand.allows(self.grammar, token):  # resample with the grammar over the whole row
+            stats.resampled += token >= 0
             arr = cand.fill(logits)
             lib.llama_sampler_apply(self.grammar, arr)
             lib.llama_sampler_apply(self.chain, arr)

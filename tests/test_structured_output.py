@@ -13,7 +13,11 @@ answers a constrained request with an unconstrained reply or the other way round
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import jsonschema
@@ -24,7 +28,10 @@ import requests
 from engine.errors import BadRequest
 from engine.generation import ReplyText, SamplingParams, StopRules
 from engine.grammar import live_grammars, structured_output
-from tests.helpers import post, real_scheduler, submit
+from tests.helpers import DEFAULT_MODEL, real_scheduler, server_fixture, submit
+from tests.helpers import post as _post
+
+MODEL = DEFAULT_MODEL.removesuffix(".gguf")
 
 # -- the three schemas of "What it must show" 2 ---------------------------------------------------
 NESTED = {  # nested objects
@@ -223,6 +230,20 @@ def test_grammar_samplers_are_freed_with_their_sequences(default_model_file):
 
 
 # -- the real model over HTTP ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A real engine (response cache on) whose deadline leaves time for 50 replies on two busy cores:
+    what is tested is what comes back, not how fast."""
+    yield from server_fixture(model_dir, tmp_path_factory, REQUEST_TIMEOUT_S="1800")
+
+
+def post(server, path: str, body: dict) -> requests.Response:
+    """A request that must be answered 200 (the refusal's text otherwise)."""
+    r = _post(server, path, body, timeout=1800)
+    assert r.status_code == 200, r.text
+    return r
+
+
 def test_simulator_json_schema_50_generations_at_temperature_07_all_validate(server):
     """What it must show, 2: 50 replies against the three schemas at temperature 0.7, eight at a
     time beside free-text requests in the same batch. Each one that ended on its own parses and
@@ -230,13 +251,11 @@ def test_simulator_json_schema_50_generations_at_temperature_07_all_validate(ser
     def constrained(i: int) -> tuple[str, dict]:
         name = list(SCHEMAS)[i % 3]
         body = {"prompt": FEEDBACK_PROMPT, "json_schema": SCHEMAS[name], "max_length": 400, "temperature": 0.7}
-        r = post(server, "/generate", body, timeout=600)
-        assert r.status_code == 200, r.text
-        return name, r.json()
+        return name, post(server, "/generate", body).json()
 
     def free(_i: int) -> dict:
         return post(server, "/generate", {"prompt": "Estudiante: ¿Cómo está?\nPaciente:", "temperature": 0.7,
-                                          "max_length": 30}, timeout=600).json()
+                                          "max_length": 30}).json()
 
     with ThreadPoolExecutor(8) as pool:
         frees = [pool.submit(free, i) for i in range(6)]
@@ -270,7 +289,7 @@ def test_simulator_json_cut_at_max_length_is_reported(server):
 def test_simulator_stream_with_json_schema_adds_up_to_the_json(server):
     with requests.post(server.url + "/generate", json={"prompt": FEEDBACK_PROMPT, "json_schema": ENUMS,
                                                        "stream": True, "max_length": 200}, stream=True,
-                       timeout=300) as r:
+                       timeout=1800) as r:
         assert r.status_code == 200
         events = [json.loads(line[6:]) for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
     final = events[-1]
@@ -294,17 +313,18 @@ def test_the_response_cache_keeps_constrained_and_free_replies_apart(server):
     again_free = post(server, "/generate", base).json()
     assert again_free["texto"] == free[0]["texto"]  # the free reply was not replaced by a JSON one
     # The same on Ollama's surface: format "json" and no format, same seed.
-    ask = {"model": "gemma-3-270m-q4_k_m", "prompt": "Describe a patient.", "stream": False,
-           "options": {"seed": 7, "num_predict": 80}}
+    ask = {"model": MODEL, "prompt": "Describe a patient.", "stream": False,
+           "options": {"seed": 7, "num_predict": 40}}
     plain = post(server, "/api/generate", ask).json()["response"]
     as_json = post(server, "/api/generate", {**ask, "format": "json"}).json()
-    assert isinstance(json.loads(as_json["response"]), dict) or as_json["done_reason"] == "length"
+    assert as_json["response"].startswith("{") and as_json["response"] != plain
+    assert as_json["done_reason"] == "length" or isinstance(json.loads(as_json["response"]), dict)
     assert post(server, "/api/generate", ask).json()["response"] == plain
 
 
 def test_stop_strings_do_not_cut_json(server):
     """A client's stop strings would cut JSON short: with a format they do not apply."""
-    body = {"model": "gemma-3-270m-q4_k_m", "stream": False, "format": ENUMS,
+    body = {"model": MODEL, "stream": False, "format": ENUMS,
             "messages": [{"role": "user", "content": "Evalúa la entrevista como JSON."}],
             "options": {"temperature": 0.7, "num_predict": 200, "stop": [",", "\"", "}"]}}
     reply = post(server, "/api/chat", body).json()
@@ -316,20 +336,20 @@ def test_stop_strings_do_not_cut_json(server):
 def test_ollama_python_client_format_json_and_pydantic_schema(server):
     import ollama
 
-    client = ollama.Client(host=server.url)
-    out = client.generate(model="gemma-3-270m-q4_k_m", prompt="List a patient's name and age as JSON.",
+    client = ollama.Client(host=server.url, timeout=1800)
+    out = client.generate(model=MODEL, prompt="List a patient's name and age as JSON.",
                           format="json", options={"num_predict": 300, "temperature": 0.7})
     assert out.done_reason in ("stop", "length")
     if out.done_reason == "stop":
         assert isinstance(json.loads(out.response), dict)
-    chat = client.chat(model="gemma-3-270m-q4_k_m", format=Visit.model_json_schema(),
+    chat = client.chat(model=MODEL, format=Visit.model_json_schema(),
                        messages=[{"role": "user", "content": "Summarise the visit as JSON."}],
                        options={"num_predict": 400, "temperature": 0.7})
     assert chat.done_reason == "stop", chat
     visit = Visit.model_validate_json(chat.message.content)
     assert visit.patient.mood in ("sad", "calm")
     streamed = "".join(part.message.content for part in client.chat(
-        model="gemma-3-270m-q4_k_m", format=ENUMS, stream=True, options={"num_predict": 200},
+        model=MODEL, format=ENUMS, stream=True, options={"num_predict": 200},
         messages=[{"role": "user", "content": "Evaluate as JSON."}]))
     _validates(streamed, ENUMS)
 
@@ -337,34 +357,34 @@ def test_ollama_python_client_format_json_and_pydantic_schema(server):
 def test_openai_python_client_json_object_json_schema_and_parse(server):
     import openai
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=1800, max_retries=0)
     messages = [{"role": "user", "content": "Describe the patient as JSON."}]
-    obj = client.chat.completions.create(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=300,
+    obj = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=300,
                                          response_format={"type": "json_object"})
     assert obj.choices[0].finish_reason in ("stop", "length")
     if obj.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
     strict = client.chat.completions.create(
-        model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=300, temperature=0.7,
+        model=MODEL, messages=messages, max_tokens=300, temperature=0.7,
         response_format={"type": "json_schema", "json_schema": {"name": "evaluation", "schema": ENUMS, "strict": True}})
     assert strict.choices[0].finish_reason == "stop"
     _validates(strict.choices[0].message.content, ENUMS)
-    parsed = client.chat.completions.parse(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=400,
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=400,
                                            response_format=Visit)
     assert isinstance(parsed.choices[0].message.parsed, Visit)
-    legacy = client.completions.create(model="gemma-3-270m-q4_k_m", prompt=FEEDBACK_PROMPT, max_tokens=300,
+    legacy = client.completions.create(model=MODEL, prompt=FEEDBACK_PROMPT, max_tokens=300,
                                        extra_body={"response_format": {"type": "json_schema", "json_schema": {
                                            "name": "evaluation", "schema": ARRAYS}}})
     assert legacy.choices[0].finish_reason == "stop"
     _validates(legacy.choices[0].text, ARRAYS)
-    cut = client.chat.completions.create(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=3,
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
                                          response_format={"type": "json_object"})
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
     with pytest.raises(openai.LengthFinishReasonError):
-        client.chat.completions.parse(model="gemma-3-270m-q4_k_m", messages=messages, max_tokens=3,
+        client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=3,
                                       response_format=Visit)
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="gemma-3-270m-q4_k_m", messages=messages, response_format={
+        client.chat.completions.create(model=MODEL, messages=messages, response_format={
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 1}}})
     assert refused.value.body["param"] == "response_format.json_schema.schema"
 
@@ -372,19 +392,44 @@ def test_openai_python_client_json_object_json_schema_and_parse(server):
 def test_langchain_chat_ollama_format_json(server):
     from langchain_ollama import ChatOllama
 
-    llm = ChatOllama(model="gemma-3-270m-q4_k_m", base_url=server.url, format="json", num_predict=300,
+    llm = ChatOllama(model=MODEL, base_url=server.url, format="json", num_predict=300,
                      temperature=0.7)
     reply = llm.invoke("Describe the patient's mood as JSON.")
     if reply.response_metadata.get("done_reason") != "length":
         assert isinstance(json.loads(reply.content), dict)
-    schema_llm = ChatOllama(model="gemma-3-270m-q4_k_m", base_url=server.url, format=ENUMS, num_predict=200)
+    schema_llm = ChatOllama(model=MODEL, base_url=server.url, format=ENUMS, num_predict=200)
     _validates(schema_llm.invoke("Evaluate the interview.").content, ENUMS)
+
+
+NODE_CLIENT = Path(__file__).parent / "node" / "structured_output.mjs"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_node_ollama_and_openai_clients(server, tmp_path):
+    """ollama-js (format "json", a schema, streamed) and openai-node (json_object, json_schema
+    strict, a refused schema), as tests/node/structured_output.mjs uses them."""
+    if not (NODE_CLIENT.parent / "node_modules" / "ollama").is_dir():
+        pytest.skip("the JavaScript clients are not installed (npm ci in tests/node)")
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(ENUMS))
+    done = subprocess.run(["node", str(NODE_CLIENT), str(schema_file)], capture_output=True, text=True,
+                          env={**os.environ, "AI_ENGINE_URL": server.url, "MODEL": MODEL}, timeout=3600)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for key, finish in (("ollama_json", "done_reason"), ("openai_object", "finish_reason")):
+        if out[key][finish] != "length":
+            assert isinstance(json.loads(out[key]["text"]), dict), out[key]
+    assert out["ollama_schema"]["done_reason"] == "stop" and out["openai_strict"]["finish_reason"] == "stop"
+    for key in ("ollama_schema", "ollama_stream", "openai_strict"):
+        _validates(out[key]["text"], ENUMS)
+    refusal = out["refusal"]
+    assert refusal["status"] == 400 and refusal["param"] == "response_format.json_schema.schema", refusal
+    assert "'minimum'" in refusal["message"]
 
 
 def test_the_server_stays_healthy_after_refusals(server):
     for schema, _words in BAD_SCHEMAS:
-        assert post(server, "/api/generate", {"model": "gemma-3-270m-q4_k_m", "prompt": "x",
-                                              "format": schema}).status_code == 400
+        assert _post(server, "/api/generate", {"model": MODEL, "prompt": "x", "format": schema}).status_code == 400
     health = requests.get(server.url + "/health", timeout=30).json()
     assert health["status"] == "ok"
 
