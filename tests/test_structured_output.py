@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import jsonschema
 import pydantic
@@ -161,14 +161,14 @@ def test_a_malformed_format_field_is_a_400_naming_it(fake_server, path, body, fi
 
 
 class Patient(pydantic.BaseModel):
-    name: str
+    name: str = pydantic.Field(max_length=30)
     age: int | None = None
     mood: Literal["sad", "calm"]
 
 
-class Visit(pydantic.BaseModel):
+class Visit(pydantic.BaseModel):  # bounded, so that a reply ends well before the token limit
     patient: Patient
-    notes: list[str]
+    notes: list[Annotated[str, pydantic.StringConstraints(max_length=40)]] = pydantic.Field(max_length=3)
 
 
 GOOD_SCHEMAS = [
@@ -369,7 +369,7 @@ def test_openai_python_client_json_object_json_schema_and_parse(server):
         response_format={"type": "json_schema", "json_schema": {"name": "evaluation", "schema": ENUMS, "strict": True}})
     assert strict.choices[0].finish_reason == "stop"
     _validates(strict.choices[0].message.content, ENUMS)
-    parsed = client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=400,
+    parsed = client.chat.completions.parse(model=MODEL, messages=messages, max_tokens=400, temperature=0.7,
                                            response_format=Visit)
     assert isinstance(parsed.choices[0].message.parsed, Visit)
     legacy = client.completions.create(model=MODEL, prompt=FEEDBACK_PROMPT, max_tokens=300,
