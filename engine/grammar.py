@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -100,6 +101,9 @@ def _check_meta(schema: dict, field: str) -> None:
 
     try:
         validators.validator_for(schema, default=validators.Draft202012Validator).check_schema(schema)
+    except RecursionError:
+        raise BadRequest(f"'{field}': a schema nested deeper than {MAX_DEPTH} levels is not supported: the grammar "
+                         "cannot enforce it", field=field) from None
     except exceptions.SchemaError as exc:
         where = "/".join(map(str, exc.path))
         raise BadRequest(f"'{field}' is not a valid JSON schema{f' (at {where})' if where else ''}: {exc.message}",
@@ -124,7 +128,7 @@ class _Normalizer:
         return out
 
     def refuse(self, where: str, what: str) -> BadRequest:
-        place = f" at {where or '(root)'}"
+        place = f" at {'…' + where[-80:] if len(where) > 80 else where or '(root)'}"
         return BadRequest(f"'{self.field}': {what}{place} is not supported: the grammar cannot enforce it; "
                           "remove it or use what docs/api.md lists", field=self.field)
 
@@ -231,6 +235,10 @@ class _Normalizer:
         if pattern is not None:
             if not (pattern.startswith("^") and pattern.endswith("$")):
                 raise self.refuse(where, f"the pattern {pattern!r} without ^ at its start and $ at its end")
+            bounds = re.findall(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}", pattern)  # {n}, {n,}, {n,m}
+            counts = [int(x) for pair in bounds for x in pair if x]
+            if any(n > MAX_REPEAT for n in counts):
+                raise self.refuse(where, f"a repetition above {MAX_REPEAT} in the pattern {pattern[:40]!r}")
             out["pattern"] = pattern
         elif fmt is not None:
             out["format"] = fmt

@@ -96,6 +96,7 @@ BAD_SCHEMAS = [  # (schema, words of the refusal)
     ({"type": "string", "pattern": "[a-z]+"}, "^ at its start"),
     ({"allOf": [{"type": "object"}, {"required": ["a"]}]}, "several schemas"),
     ({"type": "string", "maxLength": 100000}, "above 1000"),
+    ({"type": "string", "pattern": "^a{2,100000}$"}, "above 1000"),
     ({"if": {"type": "string"}, "then": {"maxLength": 3}}, "'if'"),
     ({"type": "object", "patternProperties": {"^a": {}}}, "'patternProperties'"),
     ({"anyOf": [{"type": "string"}], "properties": {"a": {}}}, "together with"),
@@ -434,7 +435,11 @@ def test_the_server_stays_healthy_after_refusals(server):
     assert health["status"] == "ok"
 
 
-def test_structured_output_module_refuses_non_schema_values():
+def test_structured_output_module_refuses_non_schema_values_and_deep_nesting():
+    """(Over HTTP a body nested that deep is refused before: more than 32 levels.)"""
     for value in ("yaml", 3, ["json"], None):
         with pytest.raises(BadRequest):
             structured_output(value, "format")
+    for depth in (70, 500):
+        with pytest.raises(BadRequest, match="deeper than 64"):
+            structured_output(json.loads('{"items": ' * depth + "{}" + "}" * depth), "format")
