@@ -21,6 +21,7 @@ that), and a sequence's grammar is freed with it (`free`).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import re
@@ -69,6 +70,18 @@ def structured_output(value: Any, field: str) -> StructuredOutput:
         return StructuredOutput(check_grammar(JSON_GBNF, field))
     if not isinstance(value, dict):
         raise BadRequest(f"'{field}' must be \"json\" or a JSON schema (an object)", field=field)
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (ValueError, RecursionError):
+        raise BadRequest(f"'{field}': a schema nested deeper than {MAX_DEPTH} levels is not supported: the grammar "
+                         "cannot enforce it", field=field) from None
+    return StructuredOutput(_schema_grammar(text, field), value)
+
+
+@functools.lru_cache(maxsize=64)  # a backend sends the same schema every time; refusals are not kept
+def _schema_grammar(text: str, field: str) -> str:
+    """The grammar of a schema (given as JSON text, so that it can be a cache key)."""
+    value = json.loads(text)
     _check_meta(value, field)
     clean = _Normalizer(value, field).root()
     from llama_cpp.llama_grammar import SchemaConverter
@@ -79,7 +92,7 @@ def structured_output(value: Any, field: str) -> StructuredOutput:
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise BadRequest(f"'{field}': this JSON schema cannot be turned into a grammar: {exc}", field=field) from None
     lines = [CHAR_RULE if line.startswith("char ::= ") else line for line in converter.format_grammar().splitlines()]
-    return StructuredOutput(check_grammar("\n".join(lines) + "\n", field), value)
+    return check_grammar("\n".join(lines) + "\n", field)
 
 
 def check_grammar(grammar: str, field: str) -> str:

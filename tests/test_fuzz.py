@@ -81,6 +81,7 @@ EXPLAINED_REFUSALS = (
     (400, "is not a valid JSON schema"),
     (400, "the grammar cannot enforce it"),
     (400, "cannot be turned into a grammar"),
+    (400, "could not parse the grammar"),
 )
 
 
