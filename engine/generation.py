@@ -32,6 +32,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    grammar: str | None = None  # GBNF the reply must follow (structured output, engine/grammar.py)
 
     @property
     def deterministic(self) -> bool:

@@ -36,7 +36,7 @@ class Replier:
             token = int(logits.argmax())
         else:
             token = rt.sample(seq.chain, index)
-        if seq.reply.require_text and rt.is_eog(token) and not seq.reply.text.strip():
+        if seq.reply.require_text and rt.is_eog(token) and not seq.reply.text.strip() and not seq.params.grammar:
             token = self._sample_without_end(seq, index, token)
         now = time.perf_counter()
         seq.t_last = now

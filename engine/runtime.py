@@ -22,6 +22,7 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.generation import SamplingParams
+from engine.grammar import Candidates, GrammarSampler
 
 PENALTY_LAST_N = 64  # recent generated tokens the repeat penalty looks at
 
@@ -166,6 +167,7 @@ class LlamaRuntime:
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._n = 0  # tokens in the batch
         self._piece_buf = ctypes.create_string_buffer(64)
+        self._candidates: Candidates | None = None  # for grammar sampling, made on first use
         self._closed = False
 
     def _live(self) -> None:
@@ -241,17 +243,27 @@ class LlamaRuntime:
         return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
 
     def new_sampler(self, params: SamplingParams, native: bool = False):
-        """A sampler chain for `params`; None for plain greedy unless `native` (`sampler_chain`)."""
+        """A sampler chain for `params`; None for plain greedy unless `native` (`sampler_chain`).
+        With a grammar (structured output): a GrammarSampler of its own (engine/grammar.py)."""
         self._live()
+        if params.grammar:
+            if self._candidates is None:
+                self._candidates = Candidates(self._lib, self.n_vocab)
+            chain = sampler_chain(self._lib, self.n_vocab, params, native=True)
+            return GrammarSampler(self._lib, self.vocab, chain, params.grammar, self._candidates)
         return sampler_chain(self._lib, self.n_vocab, params, native)
 
     def sample(self, chain, index: int) -> int:
         self._live()
+        if isinstance(chain, GrammarSampler):
+            return chain.sample(self.logits(index))
         return self._lib.llama_sampler_sample(chain, self.ctx, index)
 
     def free_sampler(self, chain) -> None:
         self._live()
-        if chain is not None:
+        if isinstance(chain, GrammarSampler):
+            chain.free()
+        elif chain is not None:
             self._lib.llama_sampler_free(chain)
 
     def sample_banning(self, params: SamplingParams, index: int, banned: list[int]) -> int:
@@ -261,7 +273,7 @@ class LlamaRuntime:
         biases = (lib.llama_logit_bias * len(banned))(*[lib.llama_logit_bias(t, -math.inf) for t in banned])
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases))
-        lib.llama_sampler_chain_add(chain, self.new_sampler(params, native=True))
+        lib.llama_sampler_chain_add(chain, sampler_chain(lib, self.n_vocab, params, native=True))
         try:
             return lib.llama_sampler_sample(chain, self.ctx, index)
         finally:

@@ -184,6 +184,13 @@ def _response_key(job: Job, model: LoadedModel) -> tuple:
     return (str(model.path), model.stamp, model.adapters, job.prompt, job.params, job.cache_key)
 
 
+def json_job(prompt: str, params: SamplingParams, started: float) -> Job:
+    """A job held to `params.grammar` whose reply is the JSON text, stripped, with no stop rules
+    (the simulator's `json_schema`: its speaker-turn stops would cut the JSON)."""
+    return Job(prompt=prompt, params=params, started=started, cache_key=("json",),
+               new_reply=lambda: ReplyText(StopRules()))
+
+
 def stop_key(stop: Sequence[str] | None) -> tuple:
     return ("default",) if stop is None else ("stop", *stop)
 
@@ -198,7 +205,9 @@ def chat_prompt_for(model: LoadedModel, messages: Sequence[dict[str, str]], temp
 
 def plain_job(prompt: str, params: SamplingParams, stops: Sequence[str], started: float) -> Job:
     """A job whose reply is the raw model text (no cleaning), ended by `stops`: the Ollama and
-    OpenAI surfaces."""
-    stops = tuple(stops)
+    OpenAI surfaces. A reply held to a grammar (structured output) ends where the grammar lets
+    it: stop strings, the client's or a chat template's, would cut the JSON short, so they do not
+    apply to it (docs/api.md)."""
+    stops = () if params.grammar else tuple(stops)
     return Job(prompt=prompt, params=params, started=started, cache_key=("plain", *stops),
                new_reply=lambda: ReplyText(StopRules(strings=stops), clean=lambda text: text))

@@ -76,6 +76,12 @@ EXPLAINED_REFUSALS = (
     (400, "context holds"),  # the prompt plus the new tokens asked for exceed N_CTX (scheduler.check_fits)
     (400, "chat template refused"),  # e.g. Gemma's template: roles must alternate user/assistant
     (400, "are allowed in all"),  # stop strings (with a chat template's own): more than MAX_STOP_CHARS together
+    # structured output (format, json_schema, response_format): a schema the meta-schema refuses, or one
+    # that uses what the grammar cannot enforce (engine/grammar.py)
+    (400, "is not a valid JSON schema"),
+    (400, "the grammar cannot enforce it"),
+    (400, "cannot be turned into a grammar"),
+    (400, "could not parse the grammar"),
 )
 
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
-from engine.api.fields import (Body, Boolean, Duration, Integer, Messages, NameMap, Nested, Number, Only, OnePrompt,
-                               Scales, Stops, StringList, Text, Timeout, Unsupported)
+from engine.api.fields import (SCHEMA_NOTE, Body, Boolean, Duration, Integer, JsonFormat, Messages, NameMap, Nested,
+                               Number, Only, OnePrompt, ResponseFormat, Scales, Stops, StringList, Text, Timeout,
+                               Unsupported)
 from engine.generation import SamplingParams
+from engine.grammar import StructuredOutput
 
 MAX_NEW_TOKENS = 8192  # the simulator's max_length at most
 MAX_SEED = 2**32 - 2  # llama.cpp's LLAMA_DEFAULT_SEED (2**32 - 1) means "random"
@@ -33,6 +35,8 @@ PENALTY = {name: Number(description, minimum=-2, maximum=2, default=0.0) for nam
     ("frequency_penalty", "Lowers the odds of tokens by how often they already appeared."),
     ("presence_penalty", "Lowers the odds of tokens that already appeared."))}
 CONTEXT_NOTE = " A prompt that does not fit N_CTX with the new tokens asked for is a 400 that says so."
+NO_STOPS = " Stop strings do not apply to a reply held to JSON: the grammar ends it."
+OLLAMA_FORMAT = JsonFormat("Structured output: `\"json\"` (any JSON object) or a JSON schema." + SCHEMA_NOTE + NO_STOPS)
 
 
 def _ollama_model() -> Text:
@@ -69,6 +73,10 @@ GENERATE = Body("GenerateRequest", {
                   "catalog alias such as `llama3.1:8b`); loaded beside the others if it is not resident. Default: "
                   "the default model."),
     "keep_alive": KEEP_ALIVE,
+    "json_schema": JsonFormat("Structured output: `texto` is JSON that follows this schema (e.g. feedback on an "
+                              "interview), not a patient's line; the speaker-turn stops and `stop` do not apply "
+                              "to it, and `metadata.json_complete` says whether it ended before `max_length`."
+                              + SCHEMA_NOTE, json_ok=False),
 })
 
 LOAD_MODEL = Body("LoadModelRequest", {
@@ -105,7 +113,7 @@ OLLAMA_GENERATE = Body("OllamaGenerateRequest", {
     "raw": Boolean("Use the prompt as it is (no chat template).", default=False),
     "stream": Boolean(_NDJSON, default=True),
     "images": Unsupported("Images."),
-    "format": Unsupported("Structured output."),
+    "format": OLLAMA_FORMAT,
     "template": Unsupported("Prompt template."),
     "suffix": Unsupported("Fill-in-the-middle suffix."),
     "options": _OPTIONS,
@@ -117,7 +125,7 @@ OLLAMA_CHAT = Body("OllamaChatRequest", {
     "model": _ollama_model(),
     "stream": Boolean(_NDJSON, default=True),
     "tools": Unsupported("Function calling."),
-    "format": Unsupported("Structured output."),
+    "format": OLLAMA_FORMAT,
     "options": _OPTIONS,
     "keep_alive": KEEP_ALIVE,
     "messages": Messages("The conversation; a chat template may refuse one (e.g. roles that do not alternate): a "
@@ -193,7 +201,9 @@ def _openai(name: str, first: dict, max_tokens: Integer) -> Body:
         "top_logprobs": Only(_ONLY, values=(0,)),
         "suffix": Only("Not supported: must be absent."),
         "tools": Unsupported("Function calling.", label="function calling"),
-        "response_format": Only("Only `{\"type\": \"text\"}`.", values=({"type": "text"},)),
+        "response_format": ResponseFormat("`{\"type\": \"text\"}` (the default), `{\"type\": \"json_object\"}` "
+                                          "(any JSON object) or `{\"type\": \"json_schema\", \"json_schema\": "
+                                          "{\"name\", \"schema\", \"strict\"}}`." + SCHEMA_NOTE + NO_STOPS),
         "max_completion_tokens": Integer("Used when `max_tokens` is absent.", minimum=1),
         "max_tokens": max_tokens,
         "stop": Stops("Strings that end the reply.", max_items=4),
@@ -220,6 +230,11 @@ BODIES = (GENERATE, LOAD_MODEL, OLLAMA_OPTIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OL
           OLLAMA_DELETE, OLLAMA_COPY, OLLAMA_CREATE, COMPLETION, CHAT_COMPLETION)
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def grammar_of(output: StructuredOutput | None) -> str | None:
+    """The grammar of a parsed structured-output field (JsonFormat, ResponseFormat), or None."""
+    return None if output is None else output.grammar
 
 
 def sampling(values: SimpleNamespace, defaults: SamplingParams = SIMULATOR_DEFAULTS, **fixed) -> SamplingParams:

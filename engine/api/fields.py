@@ -15,6 +15,7 @@ What every kind does alike:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ from flask import has_request_context, request
 from engine.chat import validate_messages
 from engine.errors import BadRequest
 from engine.generation import MAX_STOP_CHARS, MAX_STOPS, check_stops
+from engine.grammar import TYPES, StructuredOutput, structured_output
 
 Schema = dict[str, Any]
 
@@ -349,6 +351,94 @@ class Only(Field):
         bools = sorted({bool(v) for v in scalars if int(v) in (0, 1)})
         forms = [{"type": "integer", "enum": ints}] + ([{"type": "boolean", "enum": bools}] if bools else [])
         return {"anyOf": forms}
+
+
+# -- structured output (engine/grammar.py) ------------------------------------------------------------
+# A JSON schema as the document states it: an object whose `type`, if given, names JSON types. The
+# rest of the meta-schema, and what the grammar cannot enforce, are 400s the descriptions mention.
+_TYPE_NAME = {"type": "string", "enum": list(TYPES)}
+JSON_SCHEMA = {"type": "object",
+               "properties": {"type": {"anyOf": [_TYPE_NAME, {"type": "array", "items": _TYPE_NAME}]}}}
+SCHEMA_NOTE = (" The reply is held to it by a llama.cpp grammar: it parses and validates, unless it ends at the "
+               "token limit (`length`). A schema that is not valid JSON Schema, or that uses a keyword the grammar "
+               "cannot enforce (see docs/api.md), is a 400 that names it.")
+
+
+@dataclass(frozen=True)
+class JsonFormat(Field):
+    """Structured output: a JSON schema (an object), or, when `json_ok`, the string "json" for any
+    JSON object (Ollama's `format`); absent, null or "": none. Read as a StructuredOutput or None."""
+
+    json_ok: bool = True
+
+    def read(self, body: Mapping[str, Any], name: str) -> StructuredOutput | None:
+        value = body.get(name)
+        if value is None or (self.json_ok and value == ""):
+            return None
+        if isinstance(value, dict) or (self.json_ok and value == "json"):
+            return structured_output(value, name)
+        either = '"json" or ' if self.json_ok else ""
+        raise BadRequest(f"'{name}' must be {either}a JSON schema (an object), not {kind_of(value)}", field=name)
+
+    def shape(self) -> Schema:
+        if not self.json_ok:
+            return dict(JSON_SCHEMA)
+        return {"anyOf": [{"type": "string", "enum": ["json", ""]}, JSON_SCHEMA]}
+
+
+def _openai_format(value: Any, name: str) -> StructuredOutput | None:
+    """OpenAI's response_format: {"type": "text"}, {"type": "json_object"}, or {"type":
+    "json_schema", "json_schema": {"name", "schema"?, "strict"?, "description"?}}."""
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{name}' must be an object: {{\"type\": \"text\"}}, {{\"type\": \"json_object\"}} or "
+                         f"{{\"type\": \"json_schema\", \"json_schema\": {{...}}}}", field=name)
+    if value.get("type") not in ("text", "json_object", "json_schema"):
+        raise BadRequest(f"'{name}.type' must be \"text\", \"json_object\" or \"json_schema\", got "
+                         f"{value.get('type')!r}", field=f"{name}.type")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_object":
+        return structured_output("json", name)
+    inner, where = value.get("json_schema"), f"{name}.json_schema"
+    if not isinstance(inner, dict):
+        raise BadRequest(f"'{where}' must be an object with 'name' and 'schema'", field=where)
+    label = inner.get("name")
+    if not isinstance(label, str) or not OPENAI_NAME.fullmatch(label):
+        raise BadRequest(f"'{where}.name' must be 1 to 64 letters, digits, '_' or '-'", field=f"{where}.name")
+    for key, kinds, what in (("strict", (bool,), "true or false"), ("description", (str,), "a string")):
+        if inner.get(key) is not None and not isinstance(inner[key], kinds):
+            raise BadRequest(f"'{where}.{key}' must be {what}", field=f"{where}.{key}")
+    schema = inner.get("schema")
+    if schema is None:
+        return structured_output("json", where)
+    if not isinstance(schema, dict):
+        raise BadRequest(f"'{where}.schema' must be a JSON schema (an object)", field=f"{where}.schema")
+    return structured_output(schema, f"{where}.schema")
+
+
+OPENAI_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ResponseFormat(Field):
+    """OpenAI's `response_format`; read as a StructuredOutput, or None for text."""
+
+    def read(self, body: Mapping[str, Any], name: str) -> StructuredOutput | None:
+        value = body.get(name)
+        return None if value is None else _openai_format(value, name)
+
+    def shape(self) -> Schema:
+        def kind(*names: str, **props: Schema) -> Schema:
+            return object_schema({"type": {"type": "string", "enum": list(names)}, **props},
+                                 ("type", *props))
+
+        inner = object_schema({
+            "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+            "schema": {**JSON_SCHEMA, "nullable": True, "description": "The JSON schema; absent: any JSON object."},
+            "strict": {"type": "boolean", "nullable": True, "description": "Accepted; the schema is always "
+                       "enforced."},
+            "description": {"type": "string", "nullable": True}}, ("name",))
+        return {"anyOf": [kind("text", "json_object"), kind("json_schema", json_schema=inner)]}
 
 
 @dataclass(frozen=True)

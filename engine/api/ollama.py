@@ -44,9 +44,12 @@ def ollama_name(rel: str) -> str:
     return pulled_name(rel) or rel.removesuffix(".gguf") + ":latest"
 
 
-def _params(options) -> SamplingParams:
-    """The sampling settings of a parsed `options` (num_ctx is accepted; the context is N_CTX)."""
-    return bodies.sampling(options, DEFAULTS, max_tokens=max(options.num_predict, 0))
+def _params(r) -> SamplingParams:
+    """The sampling settings of a parsed request's `options` (num_ctx is accepted; the context is
+    N_CTX), held to its `format` if it has one."""
+    options = r.options
+    return bodies.sampling(options, DEFAULTS, max_tokens=max(options.num_predict, 0),
+                           grammar=bodies.grammar_of(r.format))
 
 
 def _stats(job: service.Job, load_s: float) -> dict:
@@ -120,7 +123,7 @@ def generate():
     r = bodies.OLLAMA_GENERATE.parse(body)
     name, prompt, system, keep_alive = r.model, r.prompt, r.system, r.keep_alive
     template = preset.template if preset else None
-    params, stop = _params(r.options), r.options.stop
+    params, stop = _params(r), r.options.stop
     if not prompt.strip():  # Ollama: an empty prompt just loads the model, or unloads it with keep_alive 0
         if keep_alive == 0:
             host.unload(name)
@@ -151,7 +154,7 @@ def chat():
     started = time.perf_counter()
     body, preset = _with_preset(v.json_body(), _host())
     r = bodies.OLLAMA_CHAT.parse(body)
-    params, stop = _params(r.options), r.options.stop
+    params, stop = _params(r), r.options.stop
     messages = r.messages
     if preset and preset.system is not None and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": preset.system}, *messages]

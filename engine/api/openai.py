@@ -80,8 +80,9 @@ def _model_object(host: ModelManager, model_id: str) -> dict:
 
 def _params(r) -> SamplingParams:
     """The sampling settings of a parsed request: OpenAI's sampler has no top-k, min-p or repeat
-    penalty; no `max_tokens` means until the context is full."""
-    return bodies.sampling(r, max_tokens=r.max_tokens or 0, top_k=0, min_p=0.0, repeat_penalty=1.0)
+    penalty; no `max_tokens` means until the context is full. `response_format` JSON: a grammar."""
+    return bodies.sampling(r, max_tokens=r.max_tokens or 0, top_k=0, min_p=0.0, repeat_penalty=1.0,
+                           grammar=bodies.grammar_of(r.response_format))
 
 
 def _usage(job: service.Job) -> dict:

@@ -15,9 +15,9 @@ from flask import Response, request
 from engine import service as core
 from engine.api.http import client_gone, request_fields
 from engine.model_manager import LoadedModel, ModelManager
-from engine.service import Job, Run, chat_prompt_for, complete, plain_job, stop_key
+from engine.service import Job, Run, chat_prompt_for, complete, json_job, plain_job, stop_key
 
-__all__ = ["Job", "Run", "chat_prompt_for", "complete", "plain_job", "start", "stop_key", "streaming_response"]
+__all__ = ["Job", "Run", "chat_prompt_for", "complete", "json_job", "plain_job", "start", "stop_key", "streaming_response"]
 
 
 def start(host: ModelManager, name: str | None, make_job: Callable[[LoadedModel], Job], *,

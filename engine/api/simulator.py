@@ -33,14 +33,17 @@ def generate():
 
     The body's fields, with their ranges and defaults, are declared in bodies.GENERATE: `prompt`
     (required), `max_length` (new tokens), the sampling settings, `stop` (replaces the speaker-turn
-    stops), `stream` (server-sent events: one `data:` event per token with the new text, then one
-    with the whole reply as without `stream`), `model` and `keep_alive`.
+    stops), `json_schema` (structured output: `texto` is JSON that follows it), `stream` (server-sent
+    events: one `data:` event per token with the new text, then one with the whole reply as without
+    `stream`), `model` and `keep_alive`.
     """
     started = time.perf_counter()
     r = bodies.GENERATE.parse(v.json_body())
-    params = bodies.sampling(r, max_tokens=r.max_length)
+    params = bodies.sampling(r, max_tokens=r.max_length, grammar=bodies.grammar_of(r.json_schema))
 
     def make_job(_model) -> service.Job:
+        if params.grammar:  # structured feedback: the JSON itself, no patient-reply rules
+            return service.json_job(r.prompt, params, started)
         return service.Job(prompt=r.prompt, params=params, new_reply=lambda: reply_text(r.stop),
                            cache_key=("patient", *service.stop_key(r.stop)), started=started)
 
@@ -72,6 +75,10 @@ def _reply_body(job: service.Job) -> dict:
         "finish_reason": result.finish_reason,
         "cached": result.cached,
     }
+    if job.params.grammar:  # json_schema: the JSON is whole unless max_length cut it
+        metadata["json_complete"] = result.finish_reason != "length"
+        if result.finish_reason == "length":
+            metadata["warning"] = "max_length cut the JSON short: texto is incomplete and does not parse"
     if job.adapters:
         metadata["lora"] = job.adapters
     if job.fields.get("replica"):  # which replica answered, when several serve one address (Ray Serve)
