@@ -14,7 +14,7 @@ import uuid
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from engine.api import docs, ollama, openai, ops, simulator
+from engine.api import docs, embeddings, ollama, openai, ops, simulator  # embeddings: routes on ollama.bp, openai.bp
 from engine.api.http import HostRefused, Unauthorized, http_error_headers, request_fields
 from engine.api.openai import openai_http_error
 from engine.errors import EngineError

@@ -76,6 +76,8 @@ EXPLAINED_REFUSALS = (
     (400, "context holds"),  # the prompt plus the new tokens asked for exceed N_CTX (scheduler.check_fits)
     (400, "chat template refused"),  # e.g. Gemma's template: roles must alternate user/assistant
     (400, "are allowed in all"),  # stop strings (with a chat template's own): more than MAX_STOP_CHARS together
+    (400, "vocabulary holds"),  # /v1/embeddings: a token id beyond the model's vocabulary
+    (400, "embedding size"),  # `dimensions` above the model's embedding size
 )
 
 
