@@ -141,7 +141,8 @@ class EmbeddingContext:
 
     def embed(self, tokens: np.ndarray, deadline_left) -> np.ndarray:
         """The pooled, un-normalized vector of `tokens` (at most `limit`). `deadline_left()` gives
-        the seconds left to wait for a turn (None: no limit); TimeoutError when they run out.
+        the seconds left (None: no limit); TimeoutError when they run out, checked before each
+        decode.
 
         With embeddings on, llama.cpp outputs every token, and a causal LM then computes each
         token's logits too (262k of them a token for Gemma 3: more work than the model's layers).
@@ -177,7 +178,8 @@ class EmbeddingContext:
             b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(token), start + i, 1, embeddings
             b.seq_id[i][0] = 0
         b.n_tokens = len(part)
-        if not self.turn.acquire(deadline_left()):
+        left = deadline_left()
+        if left is not None and left <= 0 or not self.turn.acquire(left):
             raise TimeoutError
         try:
             if not self.pooling.native and embeddings != self._embeddings_on:

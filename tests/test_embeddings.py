@@ -87,6 +87,10 @@ def vectors(reply: dict) -> np.ndarray:
     return np.asarray(reply["embeddings"], dtype=np.float64)
 
 
+def resident(srv) -> list[str]:
+    return [m["name"] for m in requests.get(srv.url + "/api/ps", timeout=30).json()["models"]]
+
+
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x)
 
@@ -210,6 +214,15 @@ def test_bad_requests(srv, path, body, words):
     assert requests.get(srv.url + "/health", timeout=30).status_code == 200
 
 
+def test_a_deadline_that_passes_while_reading_is_a_504(srv):
+    many = [f"{i} " + "palabra " * 200 for i in range(30)]  # seconds of work on 2 cores
+    r = post(srv, "/api/embed", {"model": OLLAMA_NAME, "input": many, "timeout_s": 1})
+    assert r.status_code == 504 and "timed out" in r.json()["error"], r.text
+    r = post(srv, "/v1/embeddings", {"model": DEFAULT_MODEL, "input": many}, headers={"X-Request-Timeout": "1"})
+    assert r.status_code == 504 and r.json()["error"]["type"] == "server_error", r.text
+    assert vectors(embed(srv, "hola")).shape == (1, 640)  # and the next request is served
+
+
 def test_unknown_model_is_a_404_in_each_shape(srv):
     assert post(srv, "/api/embed", {"model": "no-such", "input": "a"}).status_code == 404
     r = post(srv, "/v1/embeddings", {"model": "no-such", "input": "a"})
@@ -246,6 +259,46 @@ def test_dedicated_model_by_name_on_every_route(srv):
     assert reply["model"] == "tiny-embed:latest" and vectors(reply).shape == (3, 64)
     raw = post(srv, "/api/embeddings", {"model": "tiny-embed", "prompt": TEXTS[0]}).json()["embedding"]
     assert np.allclose(unit(np.asarray(raw)), vectors(reply)[0], atol=1e-6)
+
+
+def test_the_embedding_context_counts_in_the_memory_budget(srv):
+    """A model's embedding context is made on its first embedding request and added to the
+    model's planned memory (/health's memory_bytes, /api/ps's size)."""
+    def memory() -> int:
+        models = requests.get(srv.url + "/health", timeout=30).json()["models"]
+        return next(m["memory_bytes"] for m in models if m["model"] == "tiny-last.gguf")
+
+    post(srv, "/api/generate", {"model": "tiny-last", "prompt": "", "keep_alive": 0})  # a fresh load, below
+    wait_until(lambda: "tiny-last:latest" not in resident(srv), what="tiny-last unloaded")
+    assert post(srv, "/api/generate", {"model": "tiny-last", "prompt": "", "keep_alive": -1}).status_code == 200
+    before = memory()
+    embed(srv, "hola", model="tiny-last")
+    grown = memory()
+    embed(srv, "adiós", model="tiny-last")
+    assert grown > before and memory() == grown  # once, on the first embedding request
+    post(srv, "/api/generate", {"model": "tiny-last", "prompt": "", "keep_alive": 0})
+
+
+def test_turn_is_first_come_first_served_and_skips_who_gave_up():
+    """runtime.Turn: the scheduler's decode steps and the embedding decodes, in arrival order; a
+    waiter that gives up (its deadline) does not block the ones after it."""
+    from engine.runtime import Turn
+
+    turn, order = Turn(), []
+    assert turn.acquire()
+    assert not turn.acquire(timeout=0.01)  # gives up: its ticket is skipped when its turn comes
+    threads = []
+    for i in range(3):
+        t = threading.Thread(target=lambda i=i: (turn.acquire(), order.append(i), turn.release()))
+        t.start()
+        threads.append(t)
+        wait_until(lambda n=i: turn._next == n + 3, what=f"waiter {i} queued")
+    turn.release()
+    for t in threads:
+        t.join(timeout=30)
+    assert order == [0, 1, 2]
+    assert turn.acquire(timeout=5)  # free again
+    turn.release()
 
 
 # -- the real clients ----------------------------------------------------------------------------------
@@ -326,9 +379,8 @@ def test_queue_limit_metrics_and_the_lease(srv):
     assert done["r"].status_code == 200, done["r"].text
     got = vectors(done["r"].json())
     assert got.shape == (30, 640) and np.allclose(got[0], expected, atol=1e-6)
-    wait_until(lambda: OLLAMA_NAME + ":latest" not in
-               [m["name"] for m in requests.get(srv.url + "/api/ps", timeout=30).json()["models"]],
-               timeout_s=120, what="the model unloaded once the embedding ended")
+    wait_until(lambda: OLLAMA_NAME + ":latest" not in resident(srv), timeout_s=120,
+               what="the model unloaded once the embedding ended")
     metrics = requests.get(srv.url + "/metrics", timeout=30).text
     assert 'ai_engine_requests_total{endpoint="/v1/embeddings",status="503"}' in metrics
     rejections = next(line for line in metrics.splitlines() if line.startswith("ai_engine_queue_rejections_total"))
