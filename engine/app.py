@@ -14,7 +14,8 @@ import uuid
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from engine.api import docs, ollama, ollama_models, openai, ops, simulator
+# embeddings: its routes are on ollama.bp and openai.bp
+from engine.api import docs, embeddings, ollama, ollama_models, openai, ops, simulator
 from engine.api.http import HostRefused, Unauthorized, http_error_headers, request_fields
 from engine.api.openai import openai_http_error
 from engine.errors import EngineError

@@ -4,6 +4,7 @@ bookkeeping (leases, keep_alive), which the model manager (engine/model_manager.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ class LoadedModel:
     keep_alive_s: float | None = None  # after the last request; None: until evicted
     expires_at: float | None = None  # monotonic; None: no expiry
     retiring: bool = False  # takes no new leases; closed when the last one ends
+    # its embedding context (engine/embed_service.py), made on the first embedding request
+    embedder: object | None = None
+    embed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def path(self) -> Path:

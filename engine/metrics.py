@@ -27,6 +27,8 @@ class Metrics:
         self.prompt_tokens = Counter("ai_engine_prompt_tokens", "Prompt tokens of generation requests", registry=r)
         self.prompt_tokens_reused = Counter("ai_engine_prompt_tokens_reused",
                                             "Prompt tokens whose KV state was reused (context or cache)", registry=r)
+        self.embedding_tokens = Counter("ai_engine_embedding_tokens", "Input tokens read for embeddings", registry=r)
+        self.embedding_inputs = Counter("ai_engine_embedding_inputs", "Texts (or token lists) embedded", registry=r)
         self.generated_tokens = Counter("ai_engine_generated_tokens", "Generated tokens (counted as they come)",
                                         registry=r)
         self.tokens_per_second = Histogram("ai_engine_decode_tokens_per_second",

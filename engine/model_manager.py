@@ -248,6 +248,12 @@ class ModelManager:
             model = None
         return model
 
+    def grow(self, model: LoadedModel, ram: int, deadline: float | None) -> None:
+        """Count `ram` more bytes (negative: fewer) for the leased `model` in the memory budget:
+        its embedding context (Residency.grow)."""
+        with self._cond:
+            self.residency.grow(model, ram, deadline)
+
     def _release(self, model: LoadedModel, keep_alive_s: float | None) -> None:
         self.keep_alive.release(model, keep_alive_s)
 

@@ -97,6 +97,29 @@ class Residency:
         return (count < self.settings.max_loaded_models and used_ram + ram <= self.ram_budget
                 and used_vram + vram <= self.vram_budget)
 
+    def grow(self, model: LoadedModel, ram: int, deadline: float | None) -> None:
+        """Count `ram` more bytes for the resident `model` (lock held; its embedding context): idle
+        models are unloaded for room, least recently used first; ModelsBusy (503) when only busy
+        ones could make it, by the deadline."""
+        while True:
+            held = [*self.resident.values(), *self.retiring]
+            used = sum(m.ram_bytes for m in held) + sum(p.ram_bytes for p in self.loading.values())
+            if ram <= 0 or used + ram <= self.ram_budget:
+                model.ram_bytes += ram
+                return
+            idle = [m for m in self.resident.values() if m is not model and not m.leases]
+            if idle:
+                victim = min(idle, key=lambda m: m.last_used)
+                log.info("unloading %s to make room for the embedding context of %s", victim.name, model.name)
+                self.retire(victim)
+                continue
+            left = remaining(deadline)
+            if not self.retiring or (left is not None and left <= 0):
+                raise ModelsBusy(f"no room in the memory budget for the embedding context of {model.name} (about "
+                                 f"{ram // MiB} MiB): the other loaded models are in use; retry shortly, or raise "
+                                 "MEMORY_BUDGET_MB", retry_after=self.retry_after())
+            self.cond.wait(left if left is not None else 5.0)
+
     def victim(self) -> LoadedModel | None:
         """The model to unload for room: an idle one, least recently used first; else the least
         recently used busy one, which then finishes its requests and closes."""
@@ -123,6 +146,8 @@ class Residency:
 
     def _close(self, model: LoadedModel) -> None:
         try:
+            if model.embedder is not None:  # its context goes before the model it reads from
+                model.embedder.close()
             model.engine.close()
         except Exception:  # a failure to free must not stop the others: log it loudly
             log.exception("closing %s failed", model.name)

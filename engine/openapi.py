@@ -271,6 +271,14 @@ def _ollama_models() -> dict[str, Schema]:
             "modified_at": {"type": "string", "format": "date-time"},
         }, ("modelfile", "parameters", "template", "details", "model_info")),
         "OllamaVersion": _object({"version": {"type": "string"}}, ("version",)),
+        "OllamaEmbedReply": _object({
+            "model": {"type": "string", "description": "`name:latest`."},
+            "embeddings": {"type": "array", "items": _vector("Length 1 (L2-normalized).")},
+            "total_duration": {"type": "integer", "minimum": 0}, "load_duration": {"type": "integer", "minimum": 0},
+            "prompt_eval_count": {"type": "integer", "minimum": 0, "description": "Tokens read, all inputs."},
+        }, ("model", "embeddings")),
+        "OllamaEmbeddingsReply": _object({"embedding": _vector("As the model gives it (not normalized).")},
+                                         ("embedding",)),
         "OllamaProcesses": _object({"models": {"type": "array", "items": _object({
             "name": {"type": "string"}, "model": {"type": "string"},
             "size": {"type": "integer", "minimum": 0, "description": "Planned RAM + VRAM."},
@@ -280,6 +288,10 @@ def _ollama_models() -> dict[str, Schema]:
             "size_vram": {"type": "integer", "minimum": 0}, "context_length": {"type": "integer"},
         }, ("name", "model", "size", "digest", "details", "expires_at", "size_vram"))}}, ("models",)),
     }
+
+
+def _vector(description: str) -> Schema:
+    return {"type": "array", "items": {"type": "number"}, "description": description}
 
 
 def _ollama_stats() -> dict[str, Schema]:
@@ -312,6 +324,16 @@ def _ollama_paths() -> dict:
             "responses": {**_ok(_ref("OllamaChatReply"), "The reply (JSON), or NDJSON when `stream` "
                                 "(the default).", replies.NDJSON, NDJSON_EVENTS),
                           **generation_errors, **_errors(500)}}},
+        "/api/embed": {"post": {
+            "tags": ["ollama"], "operationId": "ollamaEmbed",
+            "summary": "L2-normalized embeddings of one text or a list of texts, in order.",
+            "requestBody": _body(_ref("OllamaEmbedRequest")),
+            "responses": {**_ok(_ref("OllamaEmbedReply"), "One vector per input."), **generation_errors}}},
+        "/api/embeddings": {"post": {
+            "tags": ["ollama"], "operationId": "ollamaEmbeddings",
+            "summary": "Ollama's older route: the embedding of `prompt`, not normalized.",
+            "requestBody": _body(_ref("OllamaEmbeddingsRequest")),
+            "responses": {**_ok(_ref("OllamaEmbeddingsReply"), "The vector."), **generation_errors}}},
         "/api/tags": {"get": {
             "tags": ["ollama"], "operationId": "ollamaTags", "summary": "Every GGUF under MODEL_PATH.",
             "responses": {**_ok(_ref("OllamaTags"), "The models."), **_errors(401)}}},
@@ -401,6 +423,18 @@ def _openai_schemas() -> dict[str, Schema]:
             "loaded": {"type": "boolean", "description": "Present (true) on resident entries."},
             "active_lora": _adapters(),
         }, ("id", "object", "created", "owned_by")),
+        "EmbeddingList": _object({
+            "object": {"type": "string", "enum": ["list"]},
+            "data": {"type": "array", "items": _object({
+                "object": {"type": "string", "enum": ["embedding"]}, "index": {"type": "integer", "minimum": 0},
+                "embedding": {"anyOf": [_vector("Length 1 (L2-normalized)."), {
+                    "type": "string", "format": "byte",
+                    "description": "`encoding_format: base64`: the little-endian float32 bytes."}]},
+            }, ("object", "index", "embedding"))},
+            "model": {"type": "string"},
+            "usage": _object({"prompt_tokens": {"type": "integer", "minimum": 0},
+                              "total_tokens": {"type": "integer", "minimum": 0}}, ("prompt_tokens", "total_tokens")),
+        }, ("object", "data", "model", "usage")),
         "OpenAIModelList": _object({
             "object": {"type": "string", "enum": ["list"]},
             "data": {"type": "array", "items": _ref("OpenAIModel")},
@@ -420,6 +454,11 @@ def _openai_paths() -> dict:
             "tags": ["openai"], "operationId": "openaiModel", "summary": "One model by any name `model` accepts.",
             "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {**_ok(_ref("OpenAIModel"), "The model."), **_errors(401, 404, shape="OpenAIError")}}},
+        "/v1/embeddings": {"post": {
+            "tags": ["openai"], "operationId": "openaiEmbeddings",
+            "summary": "L2-normalized embeddings of one input or a list, as floats or base64.",
+            "requestBody": _body(_ref("EmbeddingRequest")),
+            "responses": {**_ok(_ref("EmbeddingList"), "One vector per input, in order."), **errors}}},
         "/v1/completions": {"post": {
             "tags": ["openai"], "operationId": "openaiCompletions", "summary": "Complete a raw `prompt`.",
             "requestBody": _body(_ref("CompletionRequest")),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import threading
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -64,6 +65,48 @@ class Runtime(Protocol):
     def state_get(self, seq_id: int) -> bytes: ...
     def state_set(self, seq_id: int, data: bytes) -> bool: ...
     def close(self) -> None: ...
+
+
+class Turn:
+    """A first-come, first-served lock: the scheduler's decode steps and embedding decodes take it
+    in the order they asked (a plain Lock could let the scheduler thread take it back again and
+    again before a waiting request wakes)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0  # next ticket to give
+        self._serving = 0  # ticket whose turn it is
+        self._gone: set[int] = set()  # tickets whose holder stopped waiting: skipped when they come
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            if not self._cond.wait_for(lambda: self._serving == ticket, timeout):
+                if self._serving == ticket:  # it came just now: pass it on
+                    self._pass_on()
+                else:
+                    self._gone.add(ticket)
+                return False
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        self._serving += 1
+        while self._serving in self._gone:
+            self._gone.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+    def __enter__(self) -> "Turn":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def flash_attn_type(setting: str) -> int:
@@ -168,6 +211,7 @@ class LlamaRuntime:
         self._n = 0  # tokens in the batch
         self._piece_buf = ctypes.create_string_buffer(64)
         self._candidates: Candidates | None = None  # for grammar sampling, made on first use
+        self.turn = Turn()  # decode steps and the embedding context's decodes, one at a time
         self._closed = False
 
     def _live(self) -> None:
@@ -231,7 +275,8 @@ class LlamaRuntime:
         """One llama_decode of the batch."""
         self._live()
         self._batch.n_tokens = self._n
-        rc = self._lib.llama_decode(self.ctx, self._batch)
+        with self.turn:
+            rc = self._lib.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc}")
 

@@ -36,10 +36,11 @@ def load_cases() -> list[dict]:
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
-    """Put `src` at `dst` without copying 250 MB where a hard link is possible."""
+    """Put `src` at `dst` without copying 250 MB where a hard link is possible. A symlink is
+    followed: the link is to the file itself (a link to a symlink would lead outside MODEL_PATH)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(Path(src).resolve(), dst)
     except OSError:
         shutil.copyfile(src, dst)
 

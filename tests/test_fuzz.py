@@ -82,6 +82,8 @@ EXPLAINED_REFUSALS = (
     (400, "the grammar cannot enforce it"),
     (400, "cannot be turned into a grammar"),
     (400, "could not parse the grammar"),
+    (400, "vocabulary holds"),  # /v1/embeddings: a token id beyond the model's vocabulary
+    (400, "embedding size"),  # `dimensions` above the model's embedding size
 )
 
 

@@ -99,6 +99,9 @@ MINIMAL = {
     "OllamaCreateRequest": {"model": "x"},
     "CompletionRequest": {"model": "a", "prompt": "Hola"},
     "ChatCompletionRequest": {"model": "a", "messages": [{"role": "user", "content": "Hola"}]},
+    "OllamaEmbedRequest": {"model": "a", "input": "Hola"},
+    "OllamaEmbeddingsRequest": {"model": "a", "prompt": "Hola"},
+    "EmbeddingRequest": {"model": "a", "input": "Hola"},
 }
 
 # Values of every JSON type, empty and not. No integral floats (150.0): the handlers take them for

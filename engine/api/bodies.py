@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from types import SimpleNamespace
 
-from engine.api.fields import (SCHEMA_NOTE, Body, Boolean, Duration, Integer, JsonFormat, Messages, NameMap, Nested,
-                               Number, Only, OnePrompt, ResponseFormat, Scales, Stops, StringList, Text, Timeout,
-                               Unsupported)
+from engine.api.fields import (SCHEMA_NOTE, Body, Boolean, Duration, EmbeddingInput, Integer, JsonFormat, Messages,
+                               NameMap, Nested, Number, Only, OnePrompt, ResponseFormat, Scales, Stops, StringList,
+                               Text, Texts, Timeout, Unsupported)
+from engine.embedding import MAX_INPUTS
 from engine.generation import SamplingParams
 from engine.grammar import StructuredOutput
 
@@ -183,6 +184,33 @@ OLLAMA_CREATE = Body("OllamaCreateRequest", {
     "license": Unsupported("License text."),
 }, one_of=("model", "name"))
 
+EMBED_NOTE = (" An input longer than the context (N_CTX, the model's training context; N_BATCH too for a model "
+              "that pools natively) is a 400 saying the context holds fewer tokens.")
+DIMENSIONS = Integer("Keep the first `dimensions` values and normalize again (Matryoshka truncation, meaningful for "
+                     "models trained for it); more than the model's embedding size is a 400 naming it.", minimum=1)
+
+OLLAMA_EMBED = Body("OllamaEmbedRequest", {
+    "timeout_s": TIMEOUT,
+    "model": _ollama_model(),
+    "input": Texts(f"A text or a list of texts (at most {MAX_INPUTS}, none empty); absent, `\"\"` or `[]`: only load "
+                   "the model (`embeddings: []`).", max_items=MAX_INPUTS),
+    "truncate": Boolean("Cut an input longer than the context to fit (keeping its start); false: such an input is "
+                        "a 400." + EMBED_NOTE, default=True),
+    "dimensions": DIMENSIONS,
+    "options": _OPTIONS,
+    "keep_alive": KEEP_ALIVE,
+})
+
+OLLAMA_EMBEDDINGS = Body("OllamaEmbeddingsRequest", {
+    "timeout_s": TIMEOUT,
+    "model": _ollama_model(),
+    "prompt": Text("The text (Ollama's older embeddings route). Empty or absent: only load the model "
+                   "(`embedding: []`). Cut to the context when longer, as /api/embed's default does.",
+                   blank_ok=True, default=""),
+    "options": _OPTIONS,
+    "keep_alive": KEEP_ALIVE,
+})
+
 # -- OpenAI ----------------------------------------------------------------------------------------
 _ONLY = "Only the value(s) listed are accepted; others are refused with a 400."
 
@@ -225,9 +253,24 @@ CHAT_COMPLETION = _openai("ChatCompletionRequest", {"messages": OLLAMA_CHAT.fiel
     "New tokens at most; absent: `max_completion_tokens`, else until the context is full.", minimum=1,
     fallback="max_completion_tokens"))
 
+EMBEDDING = Body("EmbeddingRequest", {
+    "timeout_s": TIMEOUT,
+    "model": _openai_model(),
+    "input": EmbeddingInput(f"A text, a list of texts (at most {MAX_INPUTS}), token ids, or a list of token-id lists; "
+                            "none empty. Token ids must be in the model's vocabulary (a 400 saying what the "
+                            "vocabulary holds otherwise)." + EMBED_NOTE, max_items=MAX_INPUTS),
+    "encoding_format": Only("`float` (the default) or `base64` (little-endian float32 bytes).",
+                            values=("float", "base64")),
+    "dimensions": DIMENSIONS,
+    "user": Text("An end-user id (accepted, not used).", blank_ok=True),
+})
+
 # Every body that has a name in the OpenAPI document's components.
 BODIES = (GENERATE, LOAD_MODEL, OLLAMA_OPTIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OLLAMA_SHOW, OLLAMA_PULL,
           OLLAMA_DELETE, OLLAMA_COPY, OLLAMA_CREATE, COMPLETION, CHAT_COMPLETION)
+
+BODIES = (GENERATE, LOAD_MODEL, OLLAMA_OPTIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OLLAMA_SHOW, COMPLETION,
+          CHAT_COMPLETION, OLLAMA_EMBED, OLLAMA_EMBEDDINGS, EMBEDDING)
 
 _SAMPLING = {f.name for f in dataclasses.fields(SamplingParams)}
 

@@ -475,6 +475,69 @@ class OnePrompt(Field):
 
 
 @dataclass(frozen=True)
+class Texts(Field):
+    """Ollama's embedding `input`: a string or a list of strings, read as a list. Absent, "" or []
+    mean no input (Ollama then only loads the model); an empty string inside a list is refused."""
+
+    max_items: int = 2048
+
+    def read(self, body: Mapping[str, Any], name: str) -> list[str]:
+        value = body.get(name)
+        if value is None or value == "":
+            return []
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise BadRequest(f"'{name}' must be a string or a list of strings", field=name)
+        if any(v == "" for v in value):
+            raise BadRequest(f"'{name}' must not contain empty strings", field=name)
+        if len(value) > self.max_items:
+            raise BadRequest(f"'{name}' has {len(value)} entries; at most {self.max_items} are allowed", field=name)
+        return value
+
+    def shape(self) -> Schema:
+        return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string", "minLength": 1},
+                                               "maxItems": self.max_items}]}
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class EmbeddingInput(Field):
+    """OpenAI's embedding `input`: a string, a list of strings, a list of token ids or a list of
+    such lists, none empty; read as a list of inputs (each a string or a list of token ids)."""
+
+    required: bool = True
+    max_items: int = 2048
+
+    def read(self, body: Mapping[str, Any], name: str) -> list:
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return [value]
+        if isinstance(value, list) and value:
+            if all(_is_token(v) for v in value):
+                return [value]
+            strings = all(isinstance(v, str) and v for v in value)
+            if strings or all(isinstance(v, list) and v and all(_is_token(t) for t in v) for v in value):
+                if len(value) > self.max_items:
+                    raise BadRequest(f"'{name}' has {len(value)} entries; at most {self.max_items} are allowed",
+                                     field=name)
+                return value
+        raise BadRequest(f"'{name}' must be a non-empty string, a list of non-empty strings, a list of token ids "
+                         "(integers >= 0) or a list of non-empty lists of token ids", field=name)
+
+    def shape(self) -> Schema:
+        token = {"type": "integer", "minimum": 0}
+        text = {"type": "string", "minLength": 1}
+        return {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": self.max_items},
+                          {"type": "array", "items": token, "minItems": 1},
+                          {"type": "array", "items": {"type": "array", "items": token, "minItems": 1},
+                           "minItems": 1, "maxItems": self.max_items}]}
+
+
+@dataclass(frozen=True)
 class Nested(Field):
     """An object of its own fields (Ollama's `options`, OpenAI's `stream_options`); any empty value
     means "not given". Read as the nested body's values."""
