@@ -100,6 +100,8 @@ class BatchBuilder:
             start, room = seq.n_prompt_done, budget - batch.n
             if room <= 0:
                 break
+            if self._sliver(seq, room):
+                continue
             end = self.policy.chunk_end(start, room, len(seq.tokens))
             last = end == len(seq.tokens)
             for pos, tok in enumerate(seq.tokens[start:end].tolist(), start):
@@ -108,6 +110,14 @@ class BatchBuilder:
             batch.chunks.append((seq, end - start))
             if last:
                 batch.wants.append((seq, batch.n - 1))
+
+    def _sliver(self, seq: Sequence, room: int) -> bool:
+        """Whether the room left in this step would give `seq` a part shorter than `min_rows` that
+        does not finish its prompt: read so, the rest of its prompt would no longer be exact
+        (SlotPolicy.exact_after), and classmates waiting to copy it would read it all again. It
+        waits for the next step instead (unless N_BATCH itself is that small)."""
+        left = len(seq.tokens) - seq.n_prompt_done
+        return room < self.policy.min_rows <= self.runtime.n_batch and left > room
 
     def drop_placeholder(self, batch: Batch) -> None:
         """The decode went in: take the placeholder token out again (before its slot is saved)."""

@@ -243,6 +243,21 @@ def test_two_cases_that_open_alike_each_read_once_and_nobody_waits_forever(make)
     assert eng.runtime.copies >= 6
 
 
+def test_a_case_read_beside_short_reads_is_never_cut_into_slivers(make):
+    """Short reads go first (a later turn, a question after a copied case), so the case a leader
+    reads gets what room they leave in the batch. A part shorter than `min_rows` would leave the
+    rest of its prompt inexact, and the classmate waiting to copy it would read the case again:
+    the leader waits for the next step instead, and the follower copies the whole case."""
+    eng = make(n_parallel=4, n_batch=64, n_ctx=4096)
+    with eng._cond:  # all placed together: two short reads fill the batch but for a sliver
+        short = [ask(eng, "Hola"), ask(eng, "Estudiante: " + "¿y? " * 12 + "\nPaciente:")]
+        leader = ask(eng, CASE + "Estudiante: uno\nPaciente:")
+        follower = ask(eng, CASE + "Estudiante: dos\nPaciente:")
+    assert all(s.wait().text for s in short)
+    assert leader.wait().reused_tokens == 0
+    assert follower.wait().reused_tokens >= len(byte_tokens(CASE)) - 8, follower.result.reused_tokens
+
+
 def test_a_placement_that_fails_halfway_gives_its_slot_back(make, monkeypatch):
     """A failure after the slot was taken (a disk or llama.cpp error) ends that request with an
     error and leaves the slot free and empty: the next requests are served (it was lost before)."""
