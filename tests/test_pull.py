@@ -338,6 +338,8 @@ def test_deleting_pulled_models_removes_their_files_and_folders(pull_server, pul
     import ollama
 
     client = ollama.Client(host=pull_server.url)
+    for quant in ("Q4_K_M", "Q8_0"):
+        assert client.pull(f"hf.co/{REPO}:{quant}").status == "success"
     client.create("uses-q8", from_=f"hf.co/{REPO}:Q8_0")
     with pytest.raises(ollama.ResponseError) as err:
         client.delete(f"hf.co/{REPO}:Q8_0")
