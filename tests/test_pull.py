@@ -28,6 +28,9 @@ from tests.hub_standin import HubStandIn  # noqa: E402
 from tests.server_process import REPO_ROOT  # noqa: E402
 
 REPO = "clinic/tiny-llama-GGUF"
+# A fixed memory budget and few sequences: the pulled or created models load beside the default
+# model whatever RAM the (shared) machine has free when the engine starts.
+ROOMY = {"MEMORY_BUDGET_MB": "8192", "N_PARALLEL": "2"}
 NODE_CLIENT = Path(__file__).parent / "node" / "ollama_models.mjs"
 STATUSES = ["pulling manifest", "verifying sha256 digest", "writing manifest", "success"]
 
@@ -75,7 +78,8 @@ def pull_models(tmp_path_factory, default_model_file) -> Path:
 @pytest.fixture(scope="module")
 def pull_server(pull_models, hub, hf_cache, tmp_path_factory):
     yield from server_fixture(pull_models, tmp_path_factory, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(hf_cache),
-                              HF_HUB_DISABLE_TELEMETRY="1", N_CTX="512")
+                              HF_HUB_DISABLE_TELEMETRY="1", N_CTX="512",
+                              **ROOMY)
 
 
 def pull_lines(server, body: dict) -> list[dict]:
