@@ -206,6 +206,25 @@ def test_a_second_pull_of_the_same_file_at_once_is_a_409(in_process, hub):
     assert Pull(p, in_process / "models").run(lambda e: None).is_file()  # once it is free
 
 
+def test_folders_that_cannot_be_written_are_named_without_absolute_paths(in_process, hub, monkeypatch):
+    from engine.hub_pull import PullFailed, Pull, plan
+
+    p = plan(parse_ref(f"hf.co/{REPO}:Q8_0"))
+    models = in_process / "models"
+    (models / "hf.co").write_text("a file where the folder would go")
+    with pytest.raises(PullFailed) as err:
+        Pull(p, models).run(lambda e: None)
+    assert err.value.message.startswith("MODEL_PATH/hf.co/clinic/tiny-llama-GGUF/tiny-llama-Q8_0.gguf cannot be written")
+    assert str(in_process) not in err.value.message
+    (models / "hf.co").unlink()
+    assert Pull(p, models).run(lambda e: None).is_file()  # the verified download was kept for this
+    (in_process / "not-a-folder").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(in_process / "not-a-folder"))
+    (models / "hf.co" / "clinic" / "tiny-llama-GGUF" / "tiny-llama-Q8_0.gguf").unlink()
+    with pytest.raises(PullFailed, match="staging folder .* cannot be written.*set HF_HUB_CACHE"):
+        Pull(p, models).run(lambda e: None)
+
+
 @pytest.mark.parametrize("stated", ["../../../etc/passwd", "", "0" * 63, "f" * 64])
 def test_metadata_that_cannot_be_checked_or_does_not_match_is_refused(in_process, hub, stated):
     from engine.hub_pull import HubError, Pull, plan
