@@ -55,6 +55,12 @@ class DigestMismatch(HubError):
     """The bytes downloaded are not the ones the hub's metadata describes."""
 
 
+class PullFailed(EngineError):
+    """A pull's file could not be written here (permissions, a full disk); messages name no absolute path."""
+
+    status = 500
+
+
 class PullInProgress(EngineError):
     status = 409
 
@@ -139,14 +145,22 @@ class Pull:
         if self._already_there():
             emit({**progress, "completed": p.size})
         else:
-            _make_dirs(self.staging)
             part = self.staging / f"{p.sha256}.partial"
-            with _locked(self.staging / f"{p.sha256}.lock", p.rel):
-                self._download(part, _throttled(lambda done: emit({**progress, "completed": done}), p.size))
-                emit({"status": "verifying sha256 digest"})
-                self._verify(part)
-                emit({"status": "writing manifest"})
+            try:
+                _make_dirs(self.staging)
+                lock = _locked(self.staging / f"{p.sha256}.lock", p.rel)
+                with lock:
+                    self._download(part, _throttled(lambda done: emit({**progress, "completed": done}), p.size))
+                    emit({"status": "verifying sha256 digest"})
+                    self._verify(part)
+            except OSError as exc:
+                raise PullFailed(f"the download's staging folder (HF_HUB_CACHE/ai-engine-pulls) cannot be written: "
+                                 f"{exc.strerror or exc}; set HF_HUB_CACHE or HF_HOME to a writable folder") from None
+            emit({"status": "writing manifest"})
+            try:
                 self._place(part)
+            except OSError as exc:
+                raise PullFailed(f"MODEL_PATH/{p.rel} cannot be written: {exc.strerror or exc}") from None
         emit({"status": "success"})
         return self.target
 

@@ -98,6 +98,14 @@ def describe_path(path: Path) -> str:
         return str(path)
 
 
+def _table(value) -> dict:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _text(value) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _is_dir(path: Path) -> bool:
     try:
         return path.is_dir()
@@ -268,8 +276,8 @@ class ModelFiles:
             out[name] = Preset(name=name, base=p["base"], lora=tuple([lora] if isinstance(lora, str) else lora),
                                scale=tuple(scale if isinstance(scale, list) else [scale]),
                                aliases=tuple([aliases] if isinstance(aliases, str) else aliases),
-                               parameters=dict(p.get("parameters", {})), system=p.get("system"),
-                               template=p.get("template"))
+                               parameters=_table(p.get("parameters")), system=_text(p.get("system")),
+                               template=_text(p.get("template")))
         return out
 
     def aliases(self) -> dict[str, str]:

@@ -366,7 +366,7 @@ def _ollama_management_paths() -> dict:
             "summary": "Download a GGUF from the Hugging Face hub into MODEL_PATH (resumed, sha256-checked).",
             "requestBody": _body(_ref("OllamaPullRequest")),
             "responses": {**_ok(status, "The last status, or NDJSON when `stream` (the default).", replies.NDJSON,
-                                lines), **_errors(400, 401, 404, 409, 413, 415, 502)}}},
+                                lines), **_errors(400, 401, 404, 409, 413, 415, 500, 502)}}},
         "/api/create": {"post": {
             "tags": ["ollama"], "operationId": "ollamaCreate",
             "summary": "Create a model (a preset) from a Modelfile or from `from`, `parameters`, `system`, ...",

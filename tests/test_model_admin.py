@@ -14,6 +14,9 @@ import requests
 
 from tests.helpers import DEFAULT_MODEL, Fakes, link_or_copy, server_fixture, tiny_gguf
 
+# A fixed memory budget and few sequences: the pulled or created models load beside the default
+# model whatever RAM the (shared) machine has free when the engine starts.
+ROOMY = {"MEMORY_BUDGET_MB": "8192", "N_PARALLEL": "2"}
 MODELFILE = '''# a patient for the simulator
 FROM a.gguf
 PARAMETER temperature 0.2
@@ -190,7 +193,7 @@ def test_the_routes_need_the_api_key(tmp_path):
 def admin_server(tmp_path_factory, default_model_file):
     root = tmp_path_factory.mktemp("admin-models")
     link_or_copy(default_model_file.resolve(), root / DEFAULT_MODEL)  # a file, not a link out
-    yield from server_fixture(root, tmp_path_factory, N_CTX="512")
+    yield from server_fixture(root, tmp_path_factory, N_CTX="512", **ROOMY)
 
 
 def _generate(server, model: str, **extra) -> dict:

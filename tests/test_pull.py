@@ -28,6 +28,9 @@ from tests.hub_standin import HubStandIn  # noqa: E402
 from tests.server_process import REPO_ROOT  # noqa: E402
 
 REPO = "clinic/tiny-llama-GGUF"
+# A fixed memory budget and few sequences: the pulled or created models load beside the default
+# model whatever RAM the (shared) machine has free when the engine starts.
+ROOMY = {"MEMORY_BUDGET_MB": "8192", "N_PARALLEL": "2"}
 NODE_CLIENT = Path(__file__).parent / "node" / "ollama_models.mjs"
 STATUSES = ["pulling manifest", "verifying sha256 digest", "writing manifest", "success"]
 
@@ -75,7 +78,8 @@ def pull_models(tmp_path_factory, default_model_file) -> Path:
 @pytest.fixture(scope="module")
 def pull_server(pull_models, hub, hf_cache, tmp_path_factory):
     yield from server_fixture(pull_models, tmp_path_factory, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(hf_cache),
-                              HF_HUB_DISABLE_TELEMETRY="1", N_CTX="512")
+                              HF_HUB_DISABLE_TELEMETRY="1", N_CTX="512",
+                              **ROOMY)
 
 
 def pull_lines(server, body: dict) -> list[dict]:
@@ -200,6 +204,25 @@ def test_a_second_pull_of_the_same_file_at_once_is_a_409(in_process, hub):
     assert err.value.status == 409 and "being pulled already" in err.value.message
     assert tree(in_process / "models") == set()
     assert Pull(p, in_process / "models").run(lambda e: None).is_file()  # once it is free
+
+
+def test_folders_that_cannot_be_written_are_named_without_absolute_paths(in_process, hub, monkeypatch):
+    from engine.hub_pull import PullFailed, Pull, plan
+
+    p = plan(parse_ref(f"hf.co/{REPO}:Q8_0"))
+    models = in_process / "models"
+    (models / "hf.co").write_text("a file where the folder would go")
+    with pytest.raises(PullFailed) as err:
+        Pull(p, models).run(lambda e: None)
+    assert err.value.message.startswith("MODEL_PATH/hf.co/clinic/tiny-llama-GGUF/tiny-llama-Q8_0.gguf cannot be written")
+    assert str(in_process) not in err.value.message
+    (models / "hf.co").unlink()
+    assert Pull(p, models).run(lambda e: None).is_file()  # the verified download was kept for this
+    (in_process / "not-a-folder").write_text("")
+    monkeypatch.setenv("HF_HUB_CACHE", str(in_process / "not-a-folder"))
+    (models / "hf.co" / "clinic" / "tiny-llama-GGUF" / "tiny-llama-Q8_0.gguf").unlink()
+    with pytest.raises(PullFailed, match="staging folder .* cannot be written.*set HF_HUB_CACHE"):
+        Pull(p, models).run(lambda e: None)
 
 
 @pytest.mark.parametrize("stated", ["../../../etc/passwd", "", "0" * 63, "f" * 64])
@@ -338,6 +361,8 @@ def test_deleting_pulled_models_removes_their_files_and_folders(pull_server, pul
     import ollama
 
     client = ollama.Client(host=pull_server.url)
+    for quant in ("Q4_K_M", "Q8_0"):
+        assert client.pull(f"hf.co/{REPO}:{quant}").status == "success"
     client.create("uses-q8", from_=f"hf.co/{REPO}:Q8_0")
     with pytest.raises(ollama.ResponseError) as err:
         client.delete(f"hf.co/{REPO}:Q8_0")
