@@ -12,6 +12,7 @@ whether to adopt the model. The parts, one module each:
 - judge.py: the optional judge model's ratings, asked through the engine's API;
 - verdict.py: the simulator's adoption rule and the per-setting summary;
 - run.py: the whole trial (cases × models × settings) with a progress bar;
-- report.py, charts.py, html.py: results.json, report.md, report.html and the charts;
+- report.py writes the outputs all at once: results.json, report.md (markdown.py), report.html
+  (html.py), the charts (charts.py); sheet.py holds what both renderings share;
 - command.py: the `ai-engine eval` subcommand.
 """
