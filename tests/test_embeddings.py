@@ -70,7 +70,7 @@ def models(tmp_path_factory, default_model_file, tiny) -> Path:
 def srv(models, tmp_path_factory):
     """MAX_QUEUE=0: a request that would wait is refused (the admission test needs it; the others
     send one request at a time)."""
-    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0")
+    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0", REQUEST_TIMEOUT_S="900")
 
 
 def post(srv, path: str, body: dict, **kwargs) -> requests.Response:
@@ -221,6 +221,21 @@ def test_a_deadline_that_passes_while_reading_is_a_504(srv):
     r = post(srv, "/v1/embeddings", {"model": DEFAULT_MODEL, "input": many}, headers={"X-Request-Timeout": "1"})
     assert r.status_code == 504 and r.json()["error"]["type"] == "server_error", r.text
     assert vectors(embed(srv, "hola")).shape == (1, 640)  # and the next request is served
+
+
+def test_a_deadline_the_measured_speed_cannot_meet_is_refused_at_once(srv):
+    """Once the model has read a prompt (the scheduler measures its cost per token), a request
+    whose tokens cannot be read by its deadline is refused before any work, with Retry-After."""
+    prompt = "Estudiante: Hola, ¿qué te trae por acá? " * 12 + "\nPaciente:"
+    assert post(srv, "/api/generate", {"model": OLLAMA_NAME, "prompt": prompt, "stream": False,
+                                       "options": {"num_predict": 2}}).status_code == 200
+    many = [f"{i} " + "palabra " * 200 for i in range(30)]
+    r = post(srv, "/api/embed", {"model": OLLAMA_NAME, "input": many, "timeout_s": 1})
+    assert r.status_code == 503 and "deadline" in r.json()["error"], r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    metrics = requests.get(srv.url + "/metrics", timeout=30).text
+    line = next(x for x in metrics.splitlines() if x.startswith("ai_engine_deadline_rejections_total"))
+    assert float(line.split()[-1]) >= 1
 
 
 def test_unknown_model_is_a_404_in_each_shape(srv):
