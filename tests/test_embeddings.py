@@ -69,8 +69,9 @@ def models(tmp_path_factory, default_model_file, tiny) -> Path:
 @pytest.fixture(scope="module")
 def srv(models, tmp_path_factory):
     """MAX_QUEUE=0: a request that would wait is refused (the admission test needs it; the others
-    send one request at a time)."""
-    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0", REQUEST_TIMEOUT_S="900")
+    send one request at a time). No response cache: a repeated generation really generates."""
+    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0", REQUEST_TIMEOUT_S="900",
+                                RESPONSE_CACHE_SIZE="0")
 
 
 def post(srv, path: str, body: dict, **kwargs) -> requests.Response:
@@ -314,6 +315,24 @@ def test_turn_is_first_come_first_served_and_skips_who_gave_up():
     assert order == [0, 1, 2]
     assert turn.acquire(timeout=5)  # free again
     turn.release()
+
+
+def test_generation_and_embeddings_take_turns_without_changing_either(srv):
+    """A greedy generation running while embeddings are read gives the same text as alone, and the
+    embeddings the same vectors: the decode steps and the embedding decodes interleave."""
+    body = {"model": OLLAMA_NAME, "stream": False, "prompt": "Estudiante: Hola, ¿cómo dormís?\nPaciente:",
+            "options": {"temperature": 0, "num_predict": 48, "stop": []}}
+    alone = post(srv, "/api/generate", body).json()
+    reference = vectors(embed(srv, TEXTS))
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(r=post(srv, "/api/generate", body)))
+    worker.start()
+    during = []
+    while worker.is_alive() or not during:
+        during.append(vectors(embed(srv, TEXTS)))
+    worker.join()
+    assert done["r"].json()["response"] == alone["response"] and done["r"].json()["eval_count"] == 48
+    assert all(np.array_equal(v, reference) for v in during)
 
 
 # -- the real clients ----------------------------------------------------------------------------------
