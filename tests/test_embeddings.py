@@ -239,6 +239,14 @@ def test_a_deadline_the_measured_speed_cannot_meet_is_refused_at_once(srv):
     assert float(line.split()[-1]) >= 1
 
 
+def test_a_body_over_max_body_bytes_is_a_413_in_each_shape(srv):
+    big = ["palabra " * 200] * 700  # about 1.1 MB: over the default MAX_BODY_BYTES (1 MiB)
+    r = post(srv, "/api/embed", {"model": OLLAMA_NAME, "input": big})
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)
+    r = post(srv, "/v1/embeddings", {"model": DEFAULT_MODEL, "input": big})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_unknown_model_is_a_404_in_each_shape(srv):
     assert post(srv, "/api/embed", {"model": "no-such", "input": "a"}).status_code == 404
     r = post(srv, "/v1/embeddings", {"model": "no-such", "input": "a"})
