@@ -303,6 +303,28 @@ def test_the_embedding_context_counts_in_the_memory_budget(srv):
     post(srv, "/api/generate", {"model": "tiny-last", "prompt": "", "keep_alive": 0})
 
 
+def test_room_for_an_embedding_context_unloads_idle_models(tmp_path):
+    """Residency.grow on fake models of 100 MiB each: an idle model is unloaded to make room; when
+    only busy ones are left, the request gets 503 (ModelsBusy) and the budget is unchanged."""
+    import time
+
+    from engine.model_residency import ModelsBusy
+    from tests.helpers import Fakes
+
+    mib = 1 << 20
+    fakes = Fakes(tmp_path, memory_budget_mb=300).load("a.gguf").load("b.gguf")
+    lease = fakes.manager.acquire("a.gguf")
+    try:
+        fakes.manager.grow(lease.model, 150 * mib, deadline=time.perf_counter() + 30)
+        assert lease.model.ram_bytes == 250 * mib and fakes.names() == {"a.gguf"}
+        with pytest.raises(ModelsBusy) as refused:
+            fakes.manager.grow(lease.model, 100 * mib, deadline=time.perf_counter())
+        assert "MEMORY_BUDGET_MB" in refused.value.message and lease.model.ram_bytes == 250 * mib
+    finally:
+        lease.release()
+        fakes.manager.close()
+
+
 def test_turn_is_first_come_first_served_and_skips_who_gave_up():
     """runtime.Turn: the scheduler's decode steps and the embedding decodes, in arrival order; a
     waiter that gives up (its deadline) does not block the ones after it."""
