@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from engine.embedding import MAX_INPUTS, EmbeddingContext, context_bytes, poolin
 from engine.errors import BadRequest, ContextOverflow
 from engine.model_manager import LoadedModel, ModelManager
 from engine.runtime import Turn
+from engine.sequence import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +147,12 @@ def embedder_of(host: ModelManager, model: LoadedModel, deadline: float) -> Embe
         return model.embedder
 
 
-def embed(host: ModelManager, name: str | None, req: EmbedRequest, fields: dict | None = None) -> EmbedResult:
+def embed(host: ModelManager, name: str | None, req: EmbedRequest, fields: dict | None = None,
+          client_gone: Callable[[], bool] | None = None) -> EmbedResult:
     """Lease the model `name` means (the default when empty), tokenize and fit every input, wait
-    for the model's embedding context, and read one vector per input, in order."""
+    for the model's embedding context, and read one vector per input, in order. `fields`: the
+    access log's fields of the request; `client_gone`: a check that the client left (the reading
+    then stops before the next input, as a non-streaming generation does)."""
     if len(req.inputs) > MAX_INPUTS:
         raise BadRequest(f"'input' has {len(req.inputs)} entries; at most {MAX_INPUTS} are allowed", field="input")
     deadline = req.started + min(host.settings.request_timeout_s, req.timeout_s or math.inf)
@@ -161,7 +166,11 @@ def embed(host: ModelManager, name: str | None, req: EmbedRequest, fields: dict 
         n_tokens = sum(len(t) for t in tokens)
         embedder.admit(model.engine, host.settings.max_queue, n_tokens, deadline)
         try:
-            vectors = [embedder.context.embed(t, lambda: max(0.0, deadline - time.perf_counter())) for t in tokens]
+            vectors = []
+            for t in tokens:
+                if client_gone is not None and client_gone():  # nobody would read the reply
+                    raise Cancelled("the client went away")
+                vectors.append(embedder.context.embed(t, lambda: max(0.0, deadline - time.perf_counter())))
         except TimeoutError:
             host.metrics.timeouts.inc()
             raise RequestTimeout("the request timed out while its inputs were read (REQUEST_TIMEOUT_S)") from None

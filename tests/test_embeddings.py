@@ -69,8 +69,9 @@ def models(tmp_path_factory, default_model_file, tiny) -> Path:
 @pytest.fixture(scope="module")
 def srv(models, tmp_path_factory):
     """MAX_QUEUE=0: a request that would wait is refused (the admission test needs it; the others
-    send one request at a time)."""
-    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0")
+    send one request at a time). No response cache: a repeated generation really generates."""
+    yield from server_fixture(models, tmp_path_factory, N_CTX=str(N_CTX), MAX_QUEUE="0", REQUEST_TIMEOUT_S="900",
+                                RESPONSE_CACHE_SIZE="0")
 
 
 def post(srv, path: str, body: dict, **kwargs) -> requests.Response:
@@ -223,6 +224,29 @@ def test_a_deadline_that_passes_while_reading_is_a_504(srv):
     assert vectors(embed(srv, "hola")).shape == (1, 640)  # and the next request is served
 
 
+def test_a_deadline_the_measured_speed_cannot_meet_is_refused_at_once(srv):
+    """Once the model has read a prompt (the scheduler measures its cost per token), a request
+    whose tokens cannot be read by its deadline is refused before any work, with Retry-After."""
+    prompt = "Estudiante: Hola, ¿qué te trae por acá? " * 12 + "\nPaciente:"
+    assert post(srv, "/api/generate", {"model": OLLAMA_NAME, "prompt": prompt, "stream": False,
+                                       "options": {"num_predict": 2}}).status_code == 200
+    many = [f"{i} " + "palabra " * 200 for i in range(30)]
+    r = post(srv, "/api/embed", {"model": OLLAMA_NAME, "input": many, "timeout_s": 1})
+    assert r.status_code == 503 and "deadline" in r.json()["error"], r.text
+    assert int(r.headers["Retry-After"]) >= 1
+    metrics = requests.get(srv.url + "/metrics", timeout=30).text
+    line = next(x for x in metrics.splitlines() if x.startswith("ai_engine_deadline_rejections_total"))
+    assert float(line.split()[-1]) >= 1
+
+
+def test_a_body_over_max_body_bytes_is_a_413_in_each_shape(srv):
+    big = ["palabra " * 200] * 700  # about 1.1 MB: over the default MAX_BODY_BYTES (1 MiB)
+    r = post(srv, "/api/embed", {"model": OLLAMA_NAME, "input": big})
+    assert r.status_code == 413 and isinstance(r.json()["error"], str)
+    r = post(srv, "/v1/embeddings", {"model": DEFAULT_MODEL, "input": big})
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_unknown_model_is_a_404_in_each_shape(srv):
     assert post(srv, "/api/embed", {"model": "no-such", "input": "a"}).status_code == 404
     r = post(srv, "/v1/embeddings", {"model": "no-such", "input": "a"})
@@ -279,6 +303,28 @@ def test_the_embedding_context_counts_in_the_memory_budget(srv):
     post(srv, "/api/generate", {"model": "tiny-last", "prompt": "", "keep_alive": 0})
 
 
+def test_room_for_an_embedding_context_unloads_idle_models(tmp_path):
+    """Residency.grow on fake models of 100 MiB each: an idle model is unloaded to make room; when
+    only busy ones are left, the request gets 503 (ModelsBusy) and the budget is unchanged."""
+    import time
+
+    from engine.model_residency import ModelsBusy
+    from tests.helpers import Fakes
+
+    mib = 1 << 20
+    fakes = Fakes(tmp_path, memory_budget_mb=300).load("a.gguf").load("b.gguf")
+    lease = fakes.manager.acquire("a.gguf")
+    try:
+        fakes.manager.grow(lease.model, 150 * mib, deadline=time.perf_counter() + 30)
+        assert lease.model.ram_bytes == 250 * mib and fakes.names() == {"a.gguf"}
+        with pytest.raises(ModelsBusy) as refused:
+            fakes.manager.grow(lease.model, 100 * mib, deadline=time.perf_counter())
+        assert "MEMORY_BUDGET_MB" in refused.value.message and lease.model.ram_bytes == 250 * mib
+    finally:
+        lease.release()
+        fakes.manager.close()
+
+
 def test_turn_is_first_come_first_served_and_skips_who_gave_up():
     """runtime.Turn: the scheduler's decode steps and the embedding decodes, in arrival order; a
     waiter that gives up (its deadline) does not block the ones after it."""
@@ -299,6 +345,24 @@ def test_turn_is_first_come_first_served_and_skips_who_gave_up():
     assert order == [0, 1, 2]
     assert turn.acquire(timeout=5)  # free again
     turn.release()
+
+
+def test_generation_and_embeddings_take_turns_without_changing_either(srv):
+    """A greedy generation running while embeddings are read gives the same text as alone, and the
+    embeddings the same vectors: the decode steps and the embedding decodes interleave."""
+    body = {"model": OLLAMA_NAME, "stream": False, "prompt": "Estudiante: Hola, ¿cómo dormís?\nPaciente:",
+            "options": {"temperature": 0, "num_predict": 48, "stop": []}}
+    alone = post(srv, "/api/generate", body).json()
+    reference = vectors(embed(srv, TEXTS))
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.update(r=post(srv, "/api/generate", body)))
+    worker.start()
+    during = []
+    while worker.is_alive() or not during:
+        during.append(vectors(embed(srv, TEXTS)))
+    worker.join()
+    assert done["r"].json()["response"] == alone["response"] and done["r"].json()["eval_count"] == 48
+    assert all(np.array_equal(v, reference) for v in during)
 
 
 # -- the real clients ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from flask import jsonify
 from engine import embed_service
 from engine.api import bodies
 from engine.api import validation as v
-from engine.api.http import request_fields
+from engine.api.http import client_gone, request_fields
 from engine.api.ollama import NS, bp as ollama_bp, ollama_name
 from engine.api.openai import bp as openai_bp
 from engine.embedding import base64_floats, l2_normalize, shorten
@@ -60,7 +60,7 @@ def ollama_embed():
     req = embed_service.EmbedRequest(r.input, truncate=r.truncate, num_ctx=r.options.num_ctx,
                                      keep_alive_s=r.keep_alive, timeout_s=r.timeout_s, started=started,
                                      overflow_hint=", or leave 'truncate' on")
-    result = embed_service.embed(host, r.model, req, request_fields())
+    result = embed_service.embed(host, r.model, req, request_fields(), client_gone())
     _check_dimensions(r.dimensions, result)
     vectors = [shorten(l2_normalize(x), r.dimensions).tolist() for x in result.vectors]
     return jsonify(model=ollama_name(result.model_name), embeddings=vectors,
@@ -79,7 +79,7 @@ def ollama_embeddings():
         return jsonify(embedding=[])
     req = embed_service.EmbedRequest([r.prompt], truncate=True, num_ctx=r.options.num_ctx,
                                      keep_alive_s=r.keep_alive, timeout_s=r.timeout_s, started=started)
-    result = embed_service.embed(host, r.model, req, request_fields())
+    result = embed_service.embed(host, r.model, req, request_fields(), client_gone())
     return jsonify(embedding=result.vectors[0].tolist())
 
 
@@ -90,7 +90,7 @@ def openai_embeddings():
     started = time.perf_counter()
     r = bodies.EMBEDDING.parse(v.json_body())
     req = embed_service.EmbedRequest(r.input, truncate=False, timeout_s=r.timeout_s, started=started)
-    result = embed_service.embed(_host(), r.model, req, request_fields())
+    result = embed_service.embed(_host(), r.model, req, request_fields(), client_gone())
     _check_dimensions(r.dimensions, result)
     as_base64 = r.encoding_format == "base64"
     data = []
