@@ -105,7 +105,8 @@ def fuzz_server(tmp_path_factory, default_model_file: Path) -> Server:
 SERVED_MODELS = [DEFAULT_MODEL, DEFAULT_MODEL.removesuffix(".gguf"), DEFAULT_MODEL.removesuffix(".gguf") + ":latest"]
 MODEL_FIELDS = {"GenerateRequest": ("model",), "OllamaGenerateRequest": ("model",), "OllamaChatRequest": ("model",),
                 "OllamaShowRequest": ("model", "name"), "CompletionRequest": ("model",),
-                "ChatCompletionRequest": ("model",)}
+                "ChatCompletionRequest": ("model",), "OllamaEmbedRequest": ("model",),
+                "OllamaEmbeddingsRequest": ("model",), "EmbeddingRequest": ("model",)}
 
 
 def fuzz_document() -> dict:
@@ -130,7 +131,7 @@ def fuzz_document() -> dict:
                                                     {"type": "array", "maxItems": 1,
                                                      "items": {"type": "number", "minimum": 0, "maximum": 10}}])
     for body in ("GenerateRequest", "OllamaGenerateRequest", "OllamaChatRequest", "CompletionRequest",
-                 "ChatCompletionRequest"):
+                 "ChatCompletionRequest", "OllamaEmbedRequest", "OllamaEmbeddingsRequest", "EmbeddingRequest"):
         narrow(body, "timeout_s", minimum=60)
     model_id = document["paths"]["/v1/models/{model_id}"]["get"]["parameters"][0]
     model_id["schema"] = {**model_id["schema"], "enum": SERVED_MODELS}
