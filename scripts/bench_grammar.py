@@ -108,7 +108,7 @@ def measure(model: Path, threads: int, rounds: int, max_tokens: int, n: int) -> 
 
 def table(rows: dict, n: int) -> list[str]:
     free = statistics.median(rows["free"]["rate"])
-    lines = [f"| runner | sequences | decode tokens/s (median) | ratio to free | tokens | refused at first |",
+    lines = ["| runner | sequences | decode tokens/s (median) | ratio to free | tokens | refused at first |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rate = statistics.median(r["rate"])
