@@ -71,7 +71,7 @@ def structured_output(value: Any, field: str) -> StructuredOutput:
     if not isinstance(value, dict):
         raise BadRequest(f"'{field}' must be \"json\" or a JSON schema (an object)", field=field)
     try:
-        text = json.dumps(value, sort_keys=True)
+        text = json.dumps(value)  # in its order: properties come out in the order they are declared
     except (ValueError, RecursionError):
         raise BadRequest(f"'{field}': a schema nested deeper than {MAX_DEPTH} levels is not supported: the grammar "
                          "cannot enforce it", field=field) from None

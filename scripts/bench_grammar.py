@@ -65,8 +65,9 @@ def engine(model: Path, threads: int, n_parallel: int):
     return Scheduler(runtime, cache_bytes=0, max_queue=16)
 
 
-def run(eng, params: SamplingParams, n: int) -> tuple[float, int, int]:
-    """`n` sequences of `params` at once: (aggregate decode tokens/s, tokens, tokens resampled)."""
+def run(eng, params: SamplingParams, n: int) -> tuple[float, int, int, int]:
+    """`n` sequences of `params` at once: (aggregate decode tokens/s, tokens generated, tokens sampled
+    under the grammar (the end of generation too), tokens resampled)."""
     before = (grammar.stats.tokens, grammar.stats.resampled)
     tokens = eng.tokenize(PROMPT)
     started = time.perf_counter()
@@ -77,14 +78,15 @@ def run(eng, params: SamplingParams, n: int) -> tuple[float, int, int]:
     last = max(started + r.ttft_s + r.decode_s for r in results)
     generated = sum(r.tokens for r in results)
     rate = (generated - n) / (last - first) if last > first else 0.0
-    return rate, generated, grammar.stats.resampled - before[1]
+    return rate, generated, grammar.stats.tokens - before[0], grammar.stats.resampled - before[1]
 
 
 def measure(model: Path, threads: int, rounds: int, max_tokens: int, n: int) -> dict:
     free = SamplingParams(max_tokens=max_tokens, seed=7)
     held = {"json": structured_output("json", "format").grammar, "schema": structured_output(SCHEMA, "format").grammar}
     eng = engine(model, threads, n)
-    rows: dict[str, dict[str, list]] = {r: {"rate": [], "tokens": [], "resampled": []} for r in RUNNERS}
+    rows: dict[str, dict[str, list]] = {r: {"rate": [], "tokens": [], "sampled": [], "resampled": []}
+                                        for r in RUNNERS}
     try:
         run(eng, free, n)  # warm-up
         for i in range(rounds):
@@ -92,8 +94,9 @@ def measure(model: Path, threads: int, rounds: int, max_tokens: int, n: int) -> 
                 g = None if name == "free" else held["json" if name == "json" else "schema"]
                 GrammarSampler.check_first = name != "schema, grammar first"
                 params = SamplingParams(max_tokens=max_tokens, seed=7 + i, grammar=g)
-                rate, generated, resampled = run(eng, params, n)
-                for key, value in (("rate", rate), ("tokens", generated), ("resampled", resampled)):
+                rate, generated, sampled, resampled = run(eng, params, n)
+                for key, value in (("rate", rate), ("tokens", generated), ("sampled", sampled),
+                                   ("resampled", resampled)):
                     rows[name][key].append(value)
                 print(f"  {n} at once, round {i + 1}: {name}: {rate:.1f} tokens/s ({generated} tokens, "
                       f"{resampled} resampled)", flush=True)
@@ -105,12 +108,13 @@ def measure(model: Path, threads: int, rounds: int, max_tokens: int, n: int) -> 
 
 def table(rows: dict, n: int) -> list[str]:
     free = statistics.median(rows["free"]["rate"])
-    lines = [f"| runner | sequences | decode tokens/s (median) | ratio to free | tokens | refused at first |",
+    lines = ["| runner | sequences | decode tokens/s (median) | ratio to free | tokens | refused at first |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
         rate = statistics.median(r["rate"])
         tokens = sum(r["tokens"])
-        share = f"{sum(r['resampled']) / tokens:.1%}" if name != "free" and tokens else "–"
+        sampled = sum(r["sampled"])
+        share = f"{sum(r['resampled']) / sampled:.1%}" if name != "free" and sampled else "–"
         if name == "schema, grammar first":
             share = "every token"
         lines.append(f"| {name} | {n} | {rate:.1f} | **{rate / free:.3f}** | {tokens} | {share} |")

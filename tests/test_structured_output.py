@@ -443,3 +443,11 @@ def test_structured_output_module_refuses_non_schema_values_and_deep_nesting():
     for depth in (70, 500):
         with pytest.raises(BadRequest, match="deeper than 64"):
             structured_output(json.loads('{"items": ' * depth + "{}" + "}" * depth), "format")
+
+
+def test_properties_come_out_in_the_order_they_are_declared():
+    """As in Ollama and llama.cpp: a reply's keys follow the schema's order (not sorted)."""
+    schema = {"type": "object", "properties": {"riesgo": {"enum": ["bajo"]}, "empatia": {"type": "boolean"}},
+              "required": ["riesgo", "empatia"]}
+    root = next(line for line in structured_output(schema, "format").grammar.splitlines() if line.startswith("root"))
+    assert root.index("riesgo") < root.index("empatia")
