@@ -196,8 +196,8 @@ def _fit_all(model: LoadedModel, context: EmbeddingContext, req: EmbedRequest) -
         if isinstance(item, str):
             tokens = model.engine.tokenize(item)
         else:
-            tokens = np.asarray(item, dtype=np.int64)
-            bad = tokens[(tokens < 0) | (tokens >= context.n_vocab)]
+            bad = [t for t in item if not 0 <= t < context.n_vocab]  # before numpy: ids past int64 too
+            tokens = np.asarray(item if not bad else [], dtype=np.int64)
             if len(bad):
                 raise BadRequest(f"'{where}' has the token id {int(bad[0])}, but the model's vocabulary holds "
                                  f"{context.n_vocab} tokens", field="input")
