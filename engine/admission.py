@@ -142,7 +142,7 @@ class Admission:
     MAX_REFUSALS = 8  # refused in one check at most (each one makes the rest sooner)
 
     def __init__(self, slots: list[Slot], pending: deque[Sequence], estimator: DeadlineEstimator,
-                 cache: ConversationCache, disk, metrics, max_queue: int, batcher=None) -> None:
+                 cache: ConversationCache, disk, metrics, max_queue: int, batcher) -> None:
         """`disk`: the model's prompt cache on disk (engine/disk_cache.py), or None."""
         self.slots, self.pending = slots, pending
         self.estimator = estimator
@@ -242,9 +242,7 @@ class Admission:
                 job.read = len(q.tokens) - max(q.n_prompt_done, q.target if q.leader is not None else 0)
                 job.leader = index.get(id(q.leader)) if q.leader is not None else None
             jobs.append(job)
-        batcher = self.batcher
-        n_batch = batcher.runtime.n_batch if batcher is not None else 512
-        rows = batcher.prefill_rows() if batcher is not None else 256
+        n_batch, rows = self.batcher.runtime.n_batch, self.batcher.prefill_rows()
         horizon = max((j.deadline for j in jobs), default=0.0) * self.MARGIN + 1.0
         return finish_times(jobs, slots=len(self.slots), n_batch=n_batch, prefill_rows=rows, cost=est.cost,
                             horizon=horizon)
