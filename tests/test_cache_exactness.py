@@ -5,7 +5,7 @@ llama.cpp's kernels do not give the same bits for a position read in a batch of 
 and resumes only what reading the prompt in full computes (see ROW_GROUP, MIN_ROWS, SWA_ALIGN in
 engine/slot_policy.py); these tests hold it to that, including long interviews past Gemma 3's
 512-token sliding window, states saved and restored with one slot for several interviews, and
-flash attention.
+flash attention (where a restored state past the window is close, not bit for bit).
 """
 
 from __future__ import annotations
@@ -78,9 +78,7 @@ def test_long_interviews_through_saved_states(default_model_file, fresh, cases):
 
 def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
     """With flash attention every prompt part is read in batches of at least 64 rows (its kernel's
-    query tile), so the cache stays exact there too: interviews in their own slots, and long ones
-    sharing one slot (states past the window are then not saved: restored, they hold fewer cells,
-    and the flash-attention decode kernel splits its work by the number of cells)."""
+    query tile), so interviews in their own slots stay exact there too."""
     fresh = cache_scheduler(default_model_file, cache=False, n_parallel=1, flash_attn="on")
     try:
         cached = cache_scheduler(default_model_file, cache=True, n_parallel=4, flash_attn="on")
@@ -88,13 +86,34 @@ def test_flash_attention_keeps_the_cache_exact(default_model_file, cases):
             assert min(interview(cached, fresh, cases, turns=3, exchanges=0)) > 0.6
         finally:
             cached.close()
-        cached = cache_scheduler(default_model_file, cache=True, n_parallel=1, flash_attn="on")
-        try:
-            interview(cached, fresh, cases, turns=2, exchanges=20)
-            assert cached.cache.hits == 0
-        finally:
-            cached.close()
     finally:
+        fresh.close()
+
+
+def test_flash_attention_restores_windowed_states_close(default_model_file, cases):
+    """The one place the cache is not bit for bit (engine/slot_policy.py): with flash attention, a
+    state past the sliding window, restored, holds only the window's cells, and the flash-attention
+    decode kernel splits its work by the number of cells. One slot for three long interviews: every
+    later turn restores its interview's state, and its reply at temperature 0 is the cold read's
+    text, with a mean log-probability within 1e-2 of it (measured here: at most 2.4e-3)."""
+    fresh = cache_scheduler(default_model_file, cache=False, n_parallel=1, flash_attn="on")
+    cached = cache_scheduler(default_model_file, cache=True, n_parallel=1, flash_attn="on")
+    try:
+        history = {c["id"]: long_history(c, 20) for c in cases}
+        differences = []
+        for turn in range(3):
+            for case in cases:
+                prompt = render_case_prompt(dict(case, turnos=history[case["id"]]))
+                a, b = simulator_reply(cached, prompt), simulator_reply(fresh, prompt)
+                assert a.text == b.text, (turn, case["id"])
+                differences.append(abs(a.mean_logprob - b.mean_logprob))
+                if turn:
+                    assert a.reused_tokens > a.prompt_tokens - 200, (a.reused_tokens, a.prompt_tokens)
+                history[case["id"]] += [["Paciente", a.text], ["Estudiante", QUESTIONS[turn % len(QUESTIONS)]]]
+        assert cached.cache.hits >= 6
+        assert max(differences) < 1e-2, differences
+    finally:
+        cached.close()
         fresh.close()
 
 

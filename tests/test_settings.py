@@ -49,7 +49,7 @@ def test_invalid_values_name_the_variable(env, field):
     assert err.value.field == field and field in err.value.message
 
 
-@pytest.mark.parametrize("raw,value", [("", "off"), ("auto", "auto"), ("on", "on"), ("1", "on"), ("TRUE", "on"),
+@pytest.mark.parametrize("raw,value", [("", "auto"), ("auto", "auto"), ("on", "on"), ("1", "on"), ("TRUE", "on"),
                                        ("off", "off"), ("no", "off")])
 def test_flash_attention_is_auto_on_or_off(raw, value):
     assert Settings.load(env={"FLASH_ATTN": raw}).flash_attn == value
