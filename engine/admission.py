@@ -197,13 +197,14 @@ class Admission:
                 f"the engine is at capacity: taking this request now would make {len(hurt)} accepted "
                 f"request(s) miss their deadline; retry in {retry} s", retry)
 
-    def refuse_the_late(self, now: float, finish) -> None:
+    def refuse_the_late(self, now: float, finish, want=None) -> None:
         """Requests accepted before the engine knew its speed (the first ones after a start), or
         whose work grew: those waiting, or still reading their prompt, that the forecast now says
         would finish after their deadline are answered 503 with Retry-After now, rather than 504 at
         the deadline; the latest to come first, and each refusal makes the others sooner. One in a
         slot is ended by `finish(seq, error)` (the scheduler's: a sequence refused while reading
-        keeps what it read). Checked every RECHECK_S."""
+        keeps what it read); `want(prompt)` hears of every refused prompt (BackgroundReads.want).
+        Checked every RECHECK_S."""
         if not self.estimator.ready or now - self._checked < self.RECHECK_S:
             return
         self._checked = now
@@ -216,6 +217,8 @@ class Admission:
                 return
             i = max(late, key=lambda i: (seqs[i].started, i))
             seq, error = seqs[i], self.too_late(done[i], seqs[i].deadline - now)
+            if want is not None:
+                want(seq.tokens)
             if seq.slot is not None:
                 finish(seq, error)
             else:

@@ -72,6 +72,20 @@ class DiskPrompts:
                 self._writes.put((seq.tokens[:seq.disk_save].copy(), state))
             seq.disk_save = 0
 
+    def saved_prefix(self, tokens: np.ndarray) -> int:
+        """The longest saved prefix of `tokens` (0: none)."""
+        hit = self.disk.longest(tokens)
+        return hit[0] if hit is not None else 0
+
+    def save_slot(self, tokens: np.ndarray, slot) -> None:
+        """Save the state of `slot`, which holds exactly `tokens` (a prefix read in the background:
+        engine/background_reads.py), unless the disk holds it already; written off this thread."""
+        if slot.n_kv != len(tokens) or self.disk.contains(tokens):
+            return
+        state = self.runtime.state_get(slot.seq_id)
+        if state:
+            self._writes.put((np.array(tokens, dtype=np.int32), state))
+
     def _write(self) -> None:
         """The writer thread: files are written off the scheduler thread."""
         while True:

@@ -40,6 +40,9 @@ class Metrics:
                                            registry=r)
         self.timeouts = Counter("ai_engine_request_timeouts", "Requests past REQUEST_TIMEOUT_S", registry=r)
         self.cache_hits = Counter("ai_engine_cache_hits", "Cache hits", ["cache"], registry=r)
+        self.background_tokens = Counter("ai_engine_background_read_tokens",
+                                         "Prompt tokens of refused requests read while the model was idle",
+                                         registry=r)
         self.model_loads = Counter("ai_engine_model_loads", "Models loaded (start-up, /load-model, on demand)",
                                    registry=r)
         for cache in ("conversation", "response", "shared-prefix"):
@@ -82,6 +85,7 @@ class _ModelsCollector:
             ("vram_bytes", "Planned VRAM of the model"),
             ("active_requests", "Requests the model is generating"),
             ("queue_depth", "Requests waiting for one of the model's sequence slots"),
+            ("background_reads", "Refused prompts' prefixes waiting to be read while the model is idle"),
             ("expires_in_seconds", "Seconds until the idle model unloads (-1: it stays)"))}
         for m in models:
             try:
@@ -93,6 +97,7 @@ class _ModelsCollector:
             for key, value in (("load_seconds", m.load_seconds), ("memory_bytes", m.ram_bytes),
                                ("vram_bytes", m.vram_bytes), ("active_requests", m.engine.active),
                                ("queue_depth", m.engine.waiting),
+                               ("background_reads", getattr(m.engine, "background_reads", 0)),
                                ("expires_in_seconds", -1 if expires is None else expires)):
                 per_model[key].add_metric([m.name], value)
         yield from (loaded, count, info, *per_model.values())

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.admission import Admission, DeadlineEstimator, RequestTimeout, Unavailable
+from engine.admission import Admission, DeadlineEstimator, DeadlineUnreachable, RequestTimeout, Unavailable
+from engine.background_reads import BackgroundReads
 from engine.batch import PREFILL_STEP_S, BatchBuilder, DecodeFailed
 from engine.disk_prompts import DiskPrompts
 from engine.errors import ContextOverflow, EngineError
@@ -88,6 +89,8 @@ class Scheduler:
         self.admission = Admission(self.slots, self._pending, self.estimator, self.cache, self.disk, metrics, max_queue,
                                    self.batcher)
         self.replier = Replier(runtime, self.admission.observe_reply, metrics)
+        self.background = BackgroundReads(runtime, self.policy, self.slots, self.cells, self.estimator,
+                                          self.batcher.prefill_rows, self.prompts, metrics)
         name = Path(runtime.path).name
         self.watchdog = Watchdog(name, self._cond, self._pending, self.slots, self._report_queue)
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
@@ -149,6 +152,11 @@ class Scheduler:
         return self.admission.recent_s
 
     @property
+    def background_reads(self) -> int:
+        """Refused prompts' prefixes waiting to be read while the engine is idle."""
+        return len(self.background.wanted)
+
+    @property
     def shared_tokens(self) -> int:
         """Prompt tokens copied from another sequence instead of read."""
         return self.sharing.shared_tokens
@@ -164,7 +172,12 @@ class Scheduler:
             if self._stopping:
                 raise Unavailable("the engine is switching models; retry in a moment")
             self.admission.check_room()  # it would wait, and the waiting room is full
-            self.admission.admit_by_deadline(seq)  # with the scheduler's state as it is, under the lock
+            try:
+                self.admission.admit_by_deadline(seq)  # with the scheduler's state as it is, under the lock
+            except DeadlineUnreachable:
+                self.background.want(tokens)  # read while idle: its next try, or a classmate's, finds it
+                self._cond.notify_all()
+                raise
             self._pending.append(seq)
             self._cond.notify_all()
         self._report_queue()
@@ -196,10 +209,18 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self.active and not self._stopping:
+                while not self._pending and not self.active and not self._stopping and not self.background.wanted:
                     self._cond.wait()
                 if self._stopping and not self._pending and not self.active:
                     return
+                idle = not self._pending and not self.active
+            if idle:  # nothing to serve: a chunk of a refused prompt (BackgroundReads)
+                try:
+                    self.background.step()
+                except Exception:
+                    log.exception("reading refused prompts in the background failed; dropping them")
+                    self.background.drop_all()
+                continue
             try:
                 self._admit()
                 self._step()
@@ -223,7 +244,7 @@ class Scheduler:
         now = time.perf_counter()
         with self._cond:  # placed under the lock, so `waiting` never undercounts for submit()
             free = sum(s.seq is None for s in self.slots)
-            self.admission.refuse_the_late(now, self._finish)
+            self.admission.refuse_the_late(now, self._finish, self.background.want)
             for seq in list(self._pending):
                 if seq.cancelled or now > seq.deadline:
                     self._pending.remove(seq)

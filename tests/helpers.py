@@ -61,13 +61,14 @@ def real_scheduler(model_file: Path, *, n_ctx: int = 1024, n_parallel: int = 1, 
     return Scheduler(runtime, cache_bytes=cache_bytes, max_queue=max_queue, **scheduler_kwargs)
 
 
-def fake_scheduler(path: str | Path = "fake.gguf", *, cache_bytes: int = 0, max_queue: int = 16,
+def fake_scheduler(path: str | Path = "fake.gguf", *, cache_bytes: int = 0, max_queue: int = 16, disk=None,
                    **runtime_kwargs) -> Scheduler:
-    """A scheduler on tests/fake_runtime.py (no model; milliseconds). The caller closes it."""
+    """A scheduler on tests/fake_runtime.py (no model; milliseconds), with the prompt cache on
+    `disk` (a DiskCache) if given. The caller closes it."""
     from engine.scheduler import Scheduler
     from tests.fake_runtime import FakeRuntime
 
-    return Scheduler(FakeRuntime(path, **runtime_kwargs), cache_bytes=cache_bytes, max_queue=max_queue)
+    return Scheduler(FakeRuntime(path, **runtime_kwargs), cache_bytes=cache_bytes, max_queue=max_queue, disk=disk)
 
 
 def submit(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY, reply: ReplyText | None = None,
