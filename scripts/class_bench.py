@@ -416,9 +416,29 @@ def warm_up(url: str, target: Target) -> None:
     r.raise_for_status()
 
 
+SETTLE_S = 180  # the longest the first engine is left idle, before its restart, to read what it refused
+
+
+def background_reads(url: str) -> int:
+    """Refused prompts the engine still has to read while idle (its /metrics)."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ai_engine_model_background_reads{")))
+
+
+def settle(url: str, limit_s: float) -> float:
+    """Wait, up to `limit_s`, until the engine has read the prompts it refused (as it would between
+    two classes, idle); the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s and background_reads(url):
+        time.sleep(0.5)
+    return time.perf_counter() - started
+
+
 def one_server(label: str, start: Callable[[], Server], target: Target, students: list[Student], num_predict: int,
-               args) -> dict:
-    """Start a fresh server, warm it up, run the class on it, stop it; the summary and outcomes."""
+               args, settle_s: float = 0) -> dict:
+    """Start a fresh server, warm it up, run the class on it, (let it read what it refused, up to
+    `settle_s`), stop it; the summary and outcomes."""
     print(f"{label}: starting", flush=True)
     server = start()
     try:
@@ -426,9 +446,12 @@ def one_server(label: str, start: Callable[[], Server], target: Target, students
         print(f"{label}: {len(students)} students", flush=True)
         outcomes, wall = run_class(server.url, target, students, num_predict, args.socket_timeout,
                                    args.max_minutes * 60)
+        idle = settle(server.url, settle_s) if settle_s else None
     finally:
         stop_server(server)
     summary = summarize(outcomes, wall, sum(len(s.questions) for s in students))
+    if idle is not None:
+        summary["idle_before_restart_s"] = round(idle, 1)
     return {"summary": summary, "outcomes": [asdict(o) for o in outcomes]}
 
 
@@ -471,7 +494,8 @@ def class_part(args, machine: str, llama_server: str | None,
     runs: dict[str, dict] = {}
     if "engine" in servers:
         target = OllamaGenerate("engine", f"{model.stem}:latest")
-        runs["engine"] = one_server("engine", engine, target, students, choice.num_predict, args)
+        runs["engine"] = one_server("engine", engine, target, students, choice.num_predict, args,
+                                    SETTLE_S if args.warm else 0)
         if args.warm:
             target = OllamaGenerate("engine, restarted", target.model)
             runs["engine, restarted"] = one_server("engine, restarted", engine, target, students,
@@ -504,6 +528,10 @@ def class_part(args, machine: str, llama_server: str | None,
                       f"on the first start, p95 {_seconds(warm['p95_s'])} against "
                       f"{_seconds(cold['p95_s'])}; prompt tokens read per first turn "
                       f"{_mean(warm['prompt_tokens_read_mean'])} against {_mean(cold['prompt_tokens_read_mean'])}."]
+        idle = summaries["engine"].get("idle_before_restart_s")
+        if idle is not None:
+            lines[-1] += (f" Before the restart the first engine was left idle, as between two classes, until it "
+                          f"had read the prompts it refused (at most {SETTLE_S} s): {idle} s.")
     lines.append("")
     part = "class" if args.model == "default" else f"class-{args.model}"
     return part, header, (lines, finite({"config": config, "runs": runs}))
