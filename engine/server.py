@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import sys
 import threading
 
@@ -54,6 +55,10 @@ def serve(settings: Settings) -> int:
         print(f"ai-engine listening on {url} with model {model.name} ({model.path})", file=sys.stderr, flush=True)
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        # docker stop, systemd, a supervisor: the same as Ctrl-C, so the models are closed in order
+        # (the prompt cache's files being written are finished) rather than the process cut off.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -64,6 +69,10 @@ def serve(settings: Settings) -> int:
     if failure:
         raise ModelLoadError(failure[0])
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def check_exposure(settings: Settings) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -141,3 +142,29 @@ def test_doctor_command(default_model_file):
     assert result.returncode == 0, result.stderr
     for heading in ("CPU features", "GPU offload", "KV cache", "N_GPU_LAYERS=auto"):
         assert heading in result.stdout
+
+
+def test_sigterm_closes_the_engine_in_order(model_dir, cases, tmp_path):
+    """SIGTERM (docker stop, systemd) stops the engine as Ctrl-C does: the models are closed in
+    order, so the prompt cache's files are finished and kept, and the exit status is 0 (it was
+    cut off by the signal before)."""
+    import requests
+
+    from engine.patient import render_case_prompt
+    from tests.helpers import long_history
+    from tests.server_process import start_server
+
+    server = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "PROMPT_CACHE_DIR": str(tmp_path),
+                           "N_PARALLEL": "2"}, tmp_path / "engine.log")
+    try:
+        turns = long_history(cases[0], 20)[:-1]
+        for question in ("¿Qué te trae por acá?", "¿Dormís bien?"):
+            prompt = render_case_prompt(dict(cases[0], turnos=turns + [["Estudiante", question]]))
+            body = {"model": DEFAULT_MODEL, "prompt": prompt, "stream": False, "options": {"num_predict": 4}}
+            assert requests.post(server.url + "/api/generate", json=body, timeout=300).status_code == 200
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(timeout=60)
+    assert status == 0, server.log()[-2000:]
+    assert len(list(tmp_path.glob("*/*.kv"))) == 1  # the shared case, written whole
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".kv" and p.name != "engine.log"]
