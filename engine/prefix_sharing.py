@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from engine.prompt_cache import common_prefix
 from engine.runtime import Runtime
 from engine.sequence import Sequence
 from engine.slot_policy import MIN_RESTORE_GAIN, Slot, SlotPolicy
@@ -51,7 +52,12 @@ class PrefixSharing:
         best, donor = self.best_donor(seq)
         if donor is None or best < seq.n_prompt_done + MIN_RESTORE_GAIN:
             return False
-        save = self.prompts.save_point(seq.tokens, best) if self.prompts is not None else 0
+        save = 0
+        if self.prompts is not None:  # what the two share, ending far enough before they part that
+            # a third request with a question of its own can continue it from its end (a state past
+            # the sliding window is only continued from its end, and every part reads min_rows)
+            common = common_prefix(donor.kv[:donor.n_exact], seq.tokens)
+            save = self.prompts.save_point(seq.tokens, min(best, self.policy.resume_point(common, common)))
         rt.seq_copy(donor.seq_id, slot.seq_id)
         self.copy_sources.add(donor.seq_id)
         self.copy_targets.add(slot.seq_id)

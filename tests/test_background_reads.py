@@ -123,6 +123,31 @@ def test_one_refused_request_is_not_saved_to_disk(monkeypatch, tmp_path):
     assert not list(tmp_path.glob("fake/*.kv"))
 
 
+def test_a_case_saved_from_a_later_turn_serves_the_next_class_first_turn(tmp_path):
+    """A student's later turn copies the case from a classmate: the two share the case and a little
+    more, and the saved prefix ends min_rows before they part, so that after a restart a new
+    student's first turn, whose own question is shorter than min_rows (64 rows with flash attention),
+    still continues it from its end (saved where they part, it was of no use to a first turn, and
+    the restarted class read the case again)."""
+    def make():
+        return fake_scheduler("a.gguf", n_parallel=2, n_batch=512, n_ctx=8192, reply="x" * 4, cache_bytes=64 << 20,
+                              flash_attn="on", disk=DiskCache(tmp_path, 1 << 30, "fake"))
+
+    eng = make()
+    try:
+        ask(eng, CASE + "Estudiante: ¿Qué te pasa?\nPaciente:", 60).wait()
+        later = CASE + "Estudiante: ¿Cómo dormís?\nPaciente: Mal.\nEstudiante: " + "¿Y en el trabajo? " * 10
+        assert ask(eng, later, 60).wait().reused_tokens > len(eng.tokenize(CASE)) - 64
+    finally:
+        eng.close()
+    eng = make()
+    try:
+        first = ask(eng, CASE + "Estudiante: ¿Y?\nPaciente:", 60).wait()
+        assert eng.disk.stats["hits"] == 1 and first.reused_tokens >= len(eng.tokenize(CASE)) - 128
+    finally:
+        eng.close()
+
+
 # -- what is kept, as plain data -------------------------------------------------------------------
 class _NoRuntime:
     n_batch = 512
