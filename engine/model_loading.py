@@ -142,12 +142,14 @@ def _disk_cache(settings: Settings, spec: ModelSpec):
 
 def _llama_runtime(settings: Settings) -> RuntimeFactory:
     def build(spec: ModelSpec, n_gpu: int):
+        from engine.offload import flash_attn_on
         from engine.runtime import LlamaRuntime
 
         s = settings
+        flash = flash_attn_on(s.flash_attn, spec.path, kv_cache_type=s.kv_cache_type, gpu=n_gpu != 0)
         return LlamaRuntime(spec.path, n_ctx=s.n_ctx, n_parallel=s.n_parallel, n_batch=s.n_batch,
                             n_threads=s.n_threads, n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu,
-                            flash_attn=s.flash_attn, kv_type=KV_CACHE_TYPES[s.kv_cache_type],
+                            flash_attn="on" if flash else "off", kv_type=KV_CACHE_TYPES[s.kv_cache_type],
                             adapters=[(a.path, a.scale) for a in spec.adapters])
 
     return build

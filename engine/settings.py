@@ -71,12 +71,13 @@ class Settings:
         "build or machine has no GPU), 0 (CPU only), N, or -1 for all. N or -1 without a GPU is an error.",
         "auto")
     flash_attn: str = _setting(
-        "FLASH_ATTN", "Flash attention: `off`, `on`, or `auto` (llama.cpp decides; on for CPU and CUDA). Needed "
-        "for a quantized KV cache. On a 2-core CPU, eight sequences at 2,400 tokens of context each decode "
-        "1.66x as fast with it (139 against 84 tokens/s, llama-batched-bench) and prompts are read 7% faster, "
-        "which a class needs; but to keep the conversation cache exact every turn then reads at least 64 "
-        "tokens (its CPU kernel tiles 64 query rows), and a state restored past the sliding window is "
-        "close but not bit for bit (docs/class.md).", "auto")
+        "FLASH_ATTN", "Flash attention: `off`, `on`, or `auto`: on where it pays, off elsewhere. `auto` turns it "
+        "on on a GPU, with a quantized KV cache (which needs it), and for models with a sliding window (Gemma "
+        "3: on a 2-core CPU eight sequences at 2,400 tokens of context each decode 1.66x as fast with it, 139 "
+        "against 84 tokens/s, which a class needs); off for other models on CPU, which decode no faster with "
+        "it. With it, the conversation cache reads at least 64 tokens a turn to stay exact (its CPU kernel "
+        "tiles 64 query rows), and a state restored past the sliding window is close but not bit for bit "
+        "(docs/class.md).", "auto")
     kv_cache_type: str = _setting(
         "KV_CACHE_TYPE", "KV cache element type: " + ", ".join(KV_CACHE_TYPES) +
         ". q8_0 halves the cache's memory (needs FLASH_ATTN auto or on).", "f16")

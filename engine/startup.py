@@ -58,9 +58,13 @@ def memory_plan(settings: Settings, spec: ModelSpec, *, gpus=None,
     from engine import offload
 
     s = settings
-    common = dict(n_batch=s.n_batch, flash_attn=s.flash_attn != "off", n_seq=s.n_parallel)
+    flash = offload.flash_attn_on(s.flash_attn, spec.path, kv_cache_type=s.kv_cache_type, gpu=True)
+    common = dict(n_batch=s.n_batch, flash_attn=flash, n_seq=s.n_parallel)
     n_gpu, plan, message = offload.resolve_gpu_layers(s.n_gpu_layers, spec.path, s.n_ctx, kv_cache_type=s.kv_cache_type,
                                                       gpus=gpus, offload_supported=offload_supported, **common)
+    if n_gpu == 0 and flash != offload.flash_attn_on(s.flash_attn, spec.path, kv_cache_type=s.kv_cache_type,
+                                                     gpu=False):
+        common["flash_attn"], plan = not flash, None  # on CPU `auto` turns it off for this model
     if plan is None:
         try:
             plan = offload.plan_offload(spec.path, s.n_ctx, 0, n_gpu_layers_requested=0,

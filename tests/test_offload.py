@@ -406,3 +406,36 @@ def test_kv_cache_of_every_parallel_sequence_is_planned(model):
     budget = plan_offload(model, 1024, 0, n_gpu_layers_requested=-1).gpu_bytes + offload.DEFAULT_MARGIN_BYTES
     assert plan_offload(model, 1024, budget).gpu_layers == N_LAYER + 1
     assert plan_offload(model, 1024, budget, n_seq=8).gpu_layers < N_LAYER + 1
+
+
+@pytest.mark.parametrize("setting, window, kv, gpu, expected", [
+    ("on", 0, "f16", False, True),
+    ("off", 512, "f16", True, False),
+    ("auto", 512, "f16", False, True),  # a sliding window (Gemma 3): it skips the cells outside it
+    ("auto", 0, "f16", False, False),  # a Llama shape on CPU: no faster, and 64-row prompt parts
+    ("auto", 0, "f16", True, True),  # on a GPU
+    ("auto", 0, "q8_0", False, True),  # a quantized KV cache needs it
+])
+def test_flash_attention_auto_is_resolved_per_model(tmp_path, setting, window, kv, gpu, expected):
+    path = write_model(tmp_path / "m.gguf", arch="gemma3" if window else "llama", sliding_window=window)
+    assert offload.flash_attn_on(setting, path, kv_cache_type=kv, gpu=gpu) is expected
+
+
+def test_flash_attention_auto_for_an_unreadable_file_is_llama_cpps_auto(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf")
+    assert offload.flash_attn_on("auto", tmp_path / "bad.gguf", kv_cache_type="f16", gpu=False) is True
+
+
+def test_the_memory_plan_counts_the_attention_each_model_gets(tmp_path):
+    """`auto` on CPU: a model without a sliding window runs without flash attention, so its plan
+    counts the score matrix (more compute buffer) where a windowed model's does not."""
+    from engine.model_files import ModelSpec
+    from engine.settings import Settings
+    from engine.startup import memory_plan
+
+    llama = write_model(tmp_path / "llama.gguf")
+    settings = Settings.load(env={"MODEL_PATH": str(tmp_path), "N_GPU_LAYERS": "0", "CACHE_RAM_MB": "0"})
+    _n, auto_ram, _v, _m = memory_plan(settings, ModelSpec(path=llama))
+    on = Settings.load(env={"MODEL_PATH": str(tmp_path), "N_GPU_LAYERS": "0", "CACHE_RAM_MB": "0", "FLASH_ATTN": "on"})
+    _n, on_ram, _v, _m = memory_plan(on, ModelSpec(path=llama))
+    assert auto_ram > on_ram
