@@ -476,6 +476,10 @@ def class_part(args, machine: str, llama_server: str | None,
     counts = token_counts(model, cases[:n_cases])
     env = engine_env(model, args.threads, args.flash_attn)
     settings = Settings.load(env={**os.environ, **env})
+    from engine.offload import flash_attn_on
+
+    # what the engine resolves FLASH_ATTN to for this model on CPU; llama-server gets the same
+    flash = "on" if flash_attn_on(settings.flash_attn, model, kv_cache_type=settings.kv_cache_type, gpu=False) else "off"
     servers = ["engine", "llama-server"] if args.servers == "both" else [args.servers]
     if "llama-server" in servers and not llama_server:
         if args.servers == "llama-server":
@@ -488,7 +492,7 @@ def class_part(args, machine: str, llama_server: str | None,
 
     def llama() -> Server:
         argv = llama_server_argv(llama_server, model, args.threads, settings.n_ctx, settings.n_parallel,
-                                 settings.flash_attn)
+                                 flash)
         return start_server({}, logs / "ai-engine-bench-class-llama-server.log", timeout=300, argv=argv)
 
     runs: dict[str, dict] = {}
@@ -509,7 +513,7 @@ def class_part(args, machine: str, llama_server: str | None,
         "model": args.model, "model_file": model.name, "num_predict": choice.num_predict,
         "case_prompt_tokens": counts, "n_parallel": settings.n_parallel, "max_queue": settings.max_queue,
         "n_ctx": settings.n_ctx, "threads": args.threads, "engine_threads": settings.n_threads,
-        "flash_attn": settings.flash_attn,
+        "flash_attn": settings.flash_attn, "flash_attn_resolved": flash,
         "cache_ram_mb": settings.cache_ram_mb, "request_timeout_s": settings.request_timeout_s,
         "environment": {k: "(set)" if k == "ENGINE_API_KEY" else os.environ[k] for k in sorted(os.environ)
                         if k in engine_variables() and k not in env},
@@ -580,11 +584,11 @@ def describe(config: dict, servers: list[str], llama_missing: bool) -> list[str]
     if "engine" in servers:
         lines.append(f"- engine: `python -m engine serve`, its defaults except MODEL/MODEL_PATH and "
                      f"{c['engine_threads']} threads: N_PARALLEL {c['n_parallel']}, MAX_QUEUE {c['max_queue']}, N_CTX {c['n_ctx']}, "
-                     f"FLASH_ATTN {c['flash_attn']}, CACHE_RAM_MB {c['cache_ram_mb']}, REQUEST_TIMEOUT_S "
+                     f"FLASH_ATTN {c['flash_attn']} ({c.get('flash_attn_resolved', c['flash_attn'])} for this model), CACHE_RAM_MB {c['cache_ram_mb']}, REQUEST_TIMEOUT_S "
                      f"{c['request_timeout_s']}; engine settings from the environment: {env}; `POST /api/generate`")
     if "llama-server" in servers:
         lines.append(f"- llama-server (llama.cpp's, same llama.cpp as the engine): {c['n_parallel']} slots of "
-                     f"{c['n_ctx']} tokens, `--swa-full`, flash attention {c['flash_attn']}, {c['threads']} threads, "
+                     f"{c['n_ctx']} tokens, `--swa-full`, flash attention {c.get('flash_attn_resolved', c['flash_attn'])}, {c['threads']} threads, "
                      "continuous batching and its prompt cache on (`cache_prompt`); it has no `/api/generate`, so "
                      "the same request goes to its `/completion` (n_predict, temperature, top_p, stop), with the "
                      "engine's defaults for top_k, min_p and the repeat penalty")
