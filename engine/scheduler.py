@@ -58,7 +58,42 @@ log = logging.getLogger(__name__)
 __all__ = ["Cancelled", "MAX_BANNED_ENDS", "MAX_FAILED_STEPS", "PREFILL_STEP_S", "Scheduler", "Sequence"]
 
 
-class Scheduler:
+class ModelView:
+    """The model, as the layers above see it: context size, metadata, tokens (the scheduler's
+    runtime, read from any thread)."""
+
+    runtime: Runtime
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one request may hold (prompt and reply): N_CTX, per sequence."""
+        return self.runtime.n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        return self.runtime.n_parallel
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.runtime.metadata
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """The prompt as the model sees it (BOS added when the model wants one)."""
+        return self.runtime.tokenize(text)
+
+    def special_token_text(self) -> tuple[str, str, bool]:
+        """(BOS text, EOS text, whether the tokenizer adds BOS) for chat templates."""
+        return self.runtime.special_token_text()
+
+    def check_fits(self, prompt: np.ndarray, max_tokens: int) -> None:
+        if len(prompt) + max_tokens > self.n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(prompt)} tokens and max_length asks for {max_tokens} more, "
+                f"but the context holds {self.n_ctx} tokens (N_CTX); shorten the prompt, lower "
+                "max_length or raise N_CTX", field="prompt")
+
+
+class Scheduler(ModelView):
     """The request queue of one runtime and the thread that drives it. `close()` finishes the
     accepted requests, then closes the runtime: the scheduler owns it from construction on.
 
@@ -95,35 +130,6 @@ class Scheduler:
         self.watchdog = Watchdog(name, self._cond, self._pending, self.slots, self._report_queue)
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
-
-    # -- the model, as the layers above see it ------------------------------------------------
-    @property
-    def n_ctx(self) -> int:
-        """Tokens one request may hold (prompt and reply): N_CTX, per sequence."""
-        return self.runtime.n_ctx
-
-    @property
-    def n_parallel(self) -> int:
-        return self.runtime.n_parallel
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.runtime.metadata
-
-    def tokenize(self, text: str) -> np.ndarray:
-        """The prompt as the model sees it (BOS added when the model wants one)."""
-        return self.runtime.tokenize(text)
-
-    def special_token_text(self) -> tuple[str, str, bool]:
-        """(BOS text, EOS text, whether the tokenizer adds BOS) for chat templates."""
-        return self.runtime.special_token_text()
-
-    def check_fits(self, prompt: np.ndarray, max_tokens: int) -> None:
-        if len(prompt) + max_tokens > self.n_ctx:
-            raise ContextOverflow(
-                f"the prompt is {len(prompt)} tokens and max_length asks for {max_tokens} more, "
-                f"but the context holds {self.n_ctx} tokens (N_CTX); shorten the prompt, lower "
-                "max_length or raise N_CTX", field="prompt")
 
     # -- the queue --------------------------------------------------------------------------
     @property

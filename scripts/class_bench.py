@@ -525,20 +525,27 @@ def class_part(args, machine: str, llama_server: str | None,
     summaries = {label: run["summary"] for label, run in runs.items()}
     lines = describe(config, servers, args.servers == "both" and "llama-server" not in servers) + \
         table(summaries)
-    if "engine, restarted" in summaries:
-        cold, warm = summaries["engine"]["first"], summaries["engine, restarted"]["first"]
-        lines += ["", f"First turns after a restart with the same environment (`--warm`): p50 "
-                      f"{_seconds(warm['p50_s'])} against {_seconds(cold['p50_s'])} "
-                      f"on the first start, p95 {_seconds(warm['p95_s'])} against "
-                      f"{_seconds(cold['p95_s'])}; prompt tokens read per first turn "
-                      f"{_mean(warm['prompt_tokens_read_mean'])} against {_mean(cold['prompt_tokens_read_mean'])}."]
-        idle = summaries["engine"].get("idle_before_restart_s")
-        if idle is not None:
-            lines[-1] += (f" Before the restart the first engine was left idle, as between two classes, until it "
-                          f"had read the prompts it refused (at most {SETTLE_S} s): {idle} s.")
+    lines += warm_lines(summaries)
     lines.append("")
     part = "class" if args.model == "default" else f"class-{args.model}"
     return part, header, (lines, finite({"config": config, "runs": runs}))
+
+
+def warm_lines(summaries: dict[str, dict]) -> list[str]:
+    """The report's comparison of first turns cold and after the restart (`--warm`)."""
+    if "engine, restarted" not in summaries:
+        return []
+    cold, warm = summaries["engine"]["first"], summaries["engine, restarted"]["first"]
+    lines = ["", f"First turns after a restart with the same environment (`--warm`): p50 "
+                  f"{_seconds(warm['p50_s'])} against {_seconds(cold['p50_s'])} "
+                  f"on the first start, p95 {_seconds(warm['p95_s'])} against "
+                  f"{_seconds(cold['p95_s'])}; prompt tokens read per first turn "
+                  f"{_mean(warm['prompt_tokens_read_mean'])} against {_mean(cold['prompt_tokens_read_mean'])}."]
+    idle = summaries["engine"].get("idle_before_restart_s")
+    if idle is not None:
+        lines[-1] += (f" Before the restart the first engine was left idle, as between two classes, until it "
+                      f"had read the prompts it refused (at most {SETTLE_S} s): {idle} s.")
+    return lines
 
 
 def finite(obj):

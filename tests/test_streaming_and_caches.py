@@ -49,7 +49,7 @@ def test_conversation_cache_never_changes_output(server_generating, server_uncac
             if turn > 0:
                 reused.append(cached["metadata"]["cached_prompt_tokens"] / cached["metadata"]["prompt_tokens"])
             history[case["id"]] += [["Paciente", cached["texto"]], ["Estudiante", QUESTIONS[turn]]]
-    assert min(reused) > 0.8, reused
+    assert min(reused) > 0.6, reused  # with flash attention (the default model's) a turn reads 64 rows at least
 
 
 def test_response_cache_only_for_deterministic_requests(server, cases):
