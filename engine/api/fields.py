@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from flask import has_request_context, request
 
@@ -194,12 +194,13 @@ class StringList(Field):
     """One string or a list of them (read as a list), none empty, at most `max_items`."""
 
     max_items: int = 16
+    expected: ClassVar[str] = "a list of strings"  # the refusal's words
 
     def check(self, value: Any, name: str) -> list[str]:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise BadRequest(f"'{name}' must be a list of strings", field=name)
+            raise BadRequest(f"'{name}' must be {self.expected}", field=name)
         if any(v == "" for v in value):
             raise BadRequest(f"'{name}' must not contain empty strings", field=name)
         if len(value) > self.max_items:
@@ -475,25 +476,18 @@ class OnePrompt(Field):
 
 
 @dataclass(frozen=True)
-class Texts(Field):
+class Texts(StringList):
     """Ollama's embedding `input`: a string or a list of strings, read as a list. Absent, "" or []
     mean no input (Ollama then only loads the model); an empty string inside a list is refused."""
 
     max_items: int = 2048
+    expected: ClassVar[str] = "a string or a list of strings"
 
     def read(self, body: Mapping[str, Any], name: str) -> list[str]:
         value = body.get(name)
         if value is None or value == "":
             return []
-        if isinstance(value, str):
-            return [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise BadRequest(f"'{name}' must be a string or a list of strings", field=name)
-        if any(v == "" for v in value):
-            raise BadRequest(f"'{name}' must not contain empty strings", field=name)
-        if len(value) > self.max_items:
-            raise BadRequest(f"'{name}' has {len(value)} entries; at most {self.max_items} are allowed", field=name)
-        return value
+        return self.check(value, name)
 
     def shape(self) -> Schema:
         return {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string", "minLength": 1},
