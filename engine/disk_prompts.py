@@ -23,6 +23,9 @@ class DiskPrompts:
     def __init__(self, disk, runtime: Runtime, policy: SlotPolicy, metrics=None) -> None:
         self.disk, self.runtime, self.policy, self.metrics = disk, runtime, policy, metrics
         self._writes: queue.Queue = queue.Queue()
+        # Prefixes whose state is queued for the writer but not on disk yet: not saved a second time.
+        self._queued: set[bytes] = set()
+        self._queued_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write, name="prompt-cache-writer", daemon=True)
         self._writer.start()
 
@@ -55,13 +58,21 @@ class DiskPrompts:
             self.metrics.cache_hits.labels(cache="disk").inc()
         return True
 
-    def save_point(self, tokens: np.ndarray, shared: int) -> int:
+    def save_point(self, tokens: np.ndarray, shared: int, saving: list[Sequence] = ()) -> int:
         """How much of a prefix of `shared` tokens that a copy gives `tokens` to save (0: none, or
-        the disk holds it already): the longest length whose state restores exactly."""
+        the disk holds it already, or it is on its way there: queued for the writer, or to be
+        saved by one of `saving`, the sequences with a save pending): the longest length whose
+        state restores exactly."""
         save = self.policy.state_point(shared)
-        if save and self.disk.contains(tokens[:save]):
-            save = 0
-        return save
+        if not save:
+            return 0
+        prefix = tokens[:save]
+        if any(q.disk_save == save and np.array_equal(q.tokens[:save], prefix) for q in saving):
+            return 0
+        with self._queued_lock:
+            if _key(prefix) in self._queued:
+                return 0
+        return 0 if self.disk.contains(prefix) else save
 
     def save(self, savers: list[Sequence]) -> None:
         """After the decode that made their copies: each saver's slot holds exactly the prefix to
@@ -69,7 +80,7 @@ class DiskPrompts:
         for seq in savers:
             state = self.runtime.state_get(seq.slot.seq_id)
             if state:
-                self._writes.put((seq.tokens[:seq.disk_save].copy(), state))
+                self._queue(seq.tokens[:seq.disk_save].copy(), state)
             seq.disk_save = 0
 
     def saved_prefix(self, tokens: np.ndarray) -> int:
@@ -84,7 +95,12 @@ class DiskPrompts:
             return
         state = self.runtime.state_get(slot.seq_id)
         if state:
-            self._writes.put((np.array(tokens, dtype=np.int32), state))
+            self._queue(np.array(tokens, dtype=np.int32), state)
+
+    def _queue(self, tokens: np.ndarray, state: bytes) -> None:
+        with self._queued_lock:
+            self._queued.add(_key(tokens))
+        self._writes.put((tokens, state))
 
     def _write(self) -> None:
         """The writer thread: files are written off the scheduler thread."""
@@ -93,9 +109,17 @@ class DiskPrompts:
             if item is None:
                 return
             tokens, state = item
-            self.disk.put(tokens, state)
+            try:
+                self.disk.put(tokens, state)
+            finally:
+                with self._queued_lock:
+                    self._queued.discard(_key(tokens))
 
     def close(self) -> None:
         """Finish the files being written."""
         self._writes.put(None)
         self._writer.join()
+
+
+def _key(tokens: np.ndarray) -> bytes:
+    return np.ascontiguousarray(tokens, dtype=np.int32).tobytes()

@@ -57,7 +57,9 @@ class PrefixSharing:
             # a third request with a question of its own can continue it from its end (a state past
             # the sliding window is only continued from its end, and every part reads min_rows)
             common = common_prefix(donor.kv[:donor.n_exact], seq.tokens)
-            save = self.prompts.save_point(seq.tokens, min(best, self.policy.resume_point(common, common)))
+            # One classmate saves it; the others copy all they can (and read only their own part).
+            saving = [s.seq for s in self.slots if s.seq is not None and s.seq.disk_save]
+            save = self.prompts.save_point(seq.tokens, min(best, self.policy.resume_point(common, common)), saving)
         rt.seq_copy(donor.seq_id, slot.seq_id)
         self.copy_sources.add(donor.seq_id)
         self.copy_targets.add(slot.seq_id)

@@ -153,3 +153,37 @@ def test_with_flash_attention_the_restarted_case_prompt_is_close(default_model_f
         assert eng.disk.stats["hits"] >= 1
     finally:
         eng.close()
+
+
+def test_one_classmate_saves_the_case_and_the_others_copy_all_they_can(tmp_path):
+    """A class arriving at once on a case past the sliding window, with the prompt cache on disk:
+    the first copier saves the case (its copy ends where a saved state restores: the window on a
+    multiple of SWA_ALIGN, min_rows before the students part) and reads on from there; the others
+    copy all they can and read only their own part, instead of each cutting its copy back to the
+    same save point and saving the same file again (fake runtime: exact about what is read)."""
+    from engine.disk_cache import DiskCache
+    from engine.generation import SamplingParams
+    from engine.prompt_cache import common_prefix
+    from engine.slot_policy import SlotPolicy
+    from tests.helpers import fake_scheduler, submit
+
+    case = "Sos Martina, 34 años, consultás por ataques de pánico en el subte. " * 40 + "Estudiante: "
+    questions = ["¿Qué te pasa?", "¿Desde cuándo?", "¿Con quién vivís?", "¿Dormís bien?"]
+    eng = fake_scheduler("a.gguf", n_parallel=4, n_batch=512, n_ctx=8192, n_swa=512, flash_attn="on",
+                         reply="x" * 4, cache_bytes=64 << 20, disk=DiskCache(tmp_path, 1 << 30, "fake"))
+    try:
+        prompts = [eng.tokenize(case + q + "\nPaciente:") for q in questions]
+        policy = SlotPolicy(n_swa=512, flash_attn=True, cache_enabled=True)
+        common = min(common_prefix(prompts[0], p) for p in prompts[1:])
+        best = policy.resume_point(common, min(len(p) for p in prompts))
+        save = policy.state_point(policy.resume_point(common, common))
+        assert save < best - 8, (save, best)  # the test tells the two apart
+        with eng._cond:  # all four placed at the same step
+            seqs = [submit(eng, case + q + "\nPaciente:", SamplingParams(temperature=0, max_tokens=4))
+                    for q in questions]
+        results = [s.wait() for s in seqs]
+    finally:
+        eng.close()  # the file being written is finished first
+    reused = sorted(r.reused_tokens for r in results)
+    assert reused[0] == 0 and reused[1] == save and min(reused[2:]) >= best, (reused, save, best)
+    assert len(list(tmp_path.glob("fake/*.kv"))) == 1
