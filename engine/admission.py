@@ -57,6 +57,15 @@ class EngineFailed(Unavailable):
                          retry_after=self.RESTART_S)
 
 
+class ShuttingDown(Unavailable):
+    """The engine was told to stop (SIGTERM, Ctrl-C): it finishes what it received and takes nothing
+    new (an open keep-alive connection is closed when the engine stops)."""
+
+    def __init__(self) -> None:
+        super().__init__("the engine is shutting down: it finishes the requests it has and takes no new ones; "
+                         "retry on another instance or once it has restarted", retry_after=EngineFailed.RESTART_S)
+
+
 class DeadlineUnreachable(EngineError):
     """The engine's own estimate says the request would finish after its deadline: refused at once
     (503 + Retry-After) instead of running late and slowing the requests that can still make it."""

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import re
 import socket
+import threading
 import time
 import uuid
 
@@ -17,6 +18,7 @@ from werkzeug.exceptions import HTTPException
 # embeddings: its routes are on ollama.bp and openai.bp
 from engine.api import docs, embeddings, ollama, ollama_models, openai, ops, simulator
 from engine.api.http import HostRefused, Unauthorized, http_error_headers, request_fields
+from engine.admission import ShuttingDown
 from engine.api.openai import openai_http_error
 from engine.errors import EngineError
 from engine.logs import log_access
@@ -43,6 +45,7 @@ def create_app(settings: Settings | None = None, host: ModelManager | None = Non
     app.extensions["settings"] = settings
     app.extensions["model_host"] = host or ModelManager(settings)
     app.extensions["replica_id"] = replica_id
+    app.extensions["draining"] = threading.Event()  # set on SIGTERM: new requests get 503 (engine/server.py)
 
     for blueprint in (simulator.bp, ollama.bp, ollama_models.bp, openai.bp, ops.bp, docs.bp):
         app.register_blueprint(blueprint)
@@ -56,6 +59,7 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
     hosts = allowed_hosts(settings)
     host: ModelManager = app.extensions["model_host"]
     replica_id: str | None = app.extensions["replica_id"]
+    draining: threading.Event = app.extensions["draining"]
 
     @app.before_request
     def start_request():
@@ -64,6 +68,8 @@ def _register_hooks(app: Flask, settings: Settings) -> None:
         request_fields()["request_id"] = given_id if REQUEST_ID.fullmatch(given_id) else uuid.uuid4().hex[:16]
         if replica_id:
             request_fields()["replica"] = replica_id  # the access log and /generate's metadata
+        if draining.is_set():
+            raise ShuttingDown()
         public = request.path in PUBLIC_PATHS
         authorized = bool(settings.api_key) and _authorized(settings.api_key)
         if hosts is not None and not public and not authorized and host_name(request.host) not in hosts:

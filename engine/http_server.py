@@ -11,7 +11,8 @@ activity), and one machine may open every connection there is. Here:
   never closed for idleness (a long generation or stream);
 - at most CONNECTION_LIMIT connections at once, CLIENT_CONNECTION_LIMIT of them from one address;
 - the application can ask whether its client is still there (`waitress.client_disconnected`,
-  which needs a request lookahead), so that a non-streaming generation whose client left stops.
+  which needs a request lookahead), so that a non-streaming generation whose client left stops;
+- a graceful stop (`drain`): no new connections, the requests received answered, then closed.
 """
 
 from __future__ import annotations
@@ -135,10 +136,55 @@ def close_from_another_thread(server) -> None:
     The closing runs in the loop thread, through waitress's own trigger (the way its channels
     wake the loop): closing the sockets here while that thread waits in poll() or select() would
     make it fail with EBADF, and the engine exit with a traceback instead of its one line."""
-    first = listeners(server)[0]
-    socket_map = first._map
-    try:
-        first.trigger.pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
-    except OSError:  # the trigger is gone (the loop is closing anyway): close from here, as before
-        log.debug("waitress trigger unavailable; closing the server from this thread", exc_info=True)
-        server.close()
+    Loop(server).close()
+
+
+class Loop:
+    """A running waitress server, as another thread reaches it: its socket map (listeners and
+    connections) and the trigger that runs a function in its loop thread."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        first = listeners(server)[0]
+        self.map, self.trigger = first._map, first.trigger
+        self.listeners = listeners(server)
+
+    def run_in_loop(self, fn) -> bool:
+        try:
+            self.trigger.pull_trigger(fn)
+            return True
+        except OSError:  # the trigger is gone (the loop is closing anyway)
+            log.debug("waitress trigger unavailable", exc_info=True)
+            return False
+
+    def close(self) -> None:
+        socket_map = self.map
+        if not self.run_in_loop(lambda: wasyncore.close_all(socket_map, ignore_all=True)):
+            self.server.close()  # close from here, as before
+
+    def stop_listening(self) -> None:
+        """Refuse new connections; those open stay, and the loop goes on serving them."""
+        def close_listeners() -> None:
+            for listener in self.listeners:  # its socket only: BaseWSGIServer.close also closes the trigger
+                wasyncore.dispatcher.close(listener)
+        self.run_in_loop(close_listeners)
+
+    def in_progress(self) -> int:
+        """Requests received whole and not yet answered: waiting for a worker thread, being
+        handled, or with their response not yet sent. A connection that only stays open (keep-
+        alive), or whose request is still arriving, does not count."""
+        return sum(1 for ch in list(self.map.values())
+                   if isinstance(ch, HTTPChannel) and (ch.requests or ch.total_outbufs_len))
+
+
+def drain(server, timeout_s: float, poll_s: float = 0.05) -> int:
+    """A graceful stop of a running server, from another thread: refuse new connections, go on
+    answering the requests received until none is left or `timeout_s` has passed, then close
+    everything (run() returns). Returns how many requests were cut off (0: none)."""
+    loop = Loop(server)
+    loop.stop_listening()
+    end = time.monotonic() + timeout_s
+    while (left := loop.in_progress()) and time.monotonic() < end:
+        time.sleep(poll_s)
+    loop.close()
+    return left

@@ -12,7 +12,7 @@ import threading
 
 from engine.app import create_app
 from engine.errors import EngineError, ModelLoadError, SettingsError
-from engine.http_server import build_server, close_from_another_thread
+from engine.http_server import build_server, close_from_another_thread, drain
 from engine.logs import configure_logging
 from engine.model_files import describe_path
 from engine.model_manager import ModelManager
@@ -56,9 +56,12 @@ def serve(settings: Settings) -> int:
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
     if threading.current_thread() is threading.main_thread():
-        # docker stop, systemd, a supervisor: the same as Ctrl-C, so the models are closed in order
-        # (the prompt cache's files being written are finished) rather than the process cut off.
-        signal.signal(signal.SIGTERM, _interrupt)
+        # docker stop, systemd, a supervisor, Ctrl-C: a graceful stop, so that no request received
+        # is lost and the models are closed in order (the prompt cache's files being written are
+        # finished) rather than the process cut off. A second signal stops at once.
+        stop = GracefulStop(server, app.extensions["draining"], settings.shutdown_timeout_s)
+        signal.signal(signal.SIGTERM, stop.signal)
+        signal.signal(signal.SIGINT, stop.signal)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -71,8 +74,26 @@ def serve(settings: Settings) -> int:
     return 0
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class GracefulStop:
+    """The first SIGTERM or SIGINT: refuse new connections, answer new requests on open ones 503
+    (`draining`), and go on serving those received, for up to `timeout_s`; then the server closes
+    and serve() returns. The second: stop at once (KeyboardInterrupt, as before)."""
+
+    def __init__(self, server, draining: threading.Event, timeout_s: float) -> None:
+        self.server, self.draining, self.timeout_s = server, draining, timeout_s
+
+    def signal(self, signum, frame) -> None:
+        if self.draining.is_set():
+            raise KeyboardInterrupt
+        self.draining.set()
+        print(f"ai-engine: {signal.Signals(signum).name}: finishing the requests received (at most "
+              f"{self.timeout_s} s; again to stop at once)", file=sys.stderr, flush=True)
+        threading.Thread(target=self._drain, name="graceful-stop", daemon=True).start()
+
+    def _drain(self) -> None:
+        cut = drain(self.server, self.timeout_s)
+        if cut:
+            log.warning("stopping with %d request(s) unanswered after SHUTDOWN_TIMEOUT_S=%s", cut, self.timeout_s)
 
 
 def check_exposure(settings: Settings) -> None:

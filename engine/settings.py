@@ -177,6 +177,11 @@ class Settings:
     server_threads: int = _setting(
         "SERVER_THREADS", "HTTP worker threads: requests being generated, queued or streamed at once "
         "(keep it above N_PARALLEL + MAX_QUEUE to let the queue fill).", 48, minimum=1)
+    shutdown_timeout_s: int = _setting(
+        "SHUTDOWN_TIMEOUT_S", "On SIGTERM or Ctrl-C, seconds the engine goes on answering the requests it has "
+        "received before it stops (new connections are refused, and a new request on an open one gets 503); "
+        "a second signal stops it at once. Give the container as long to stop (`stop_grace_period`).", 30,
+        minimum=0)
     log_level: str = _setting("LOG_LEVEL", "Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
 
     def __post_init__(self) -> None:

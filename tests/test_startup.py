@@ -168,3 +168,43 @@ def test_sigterm_closes_the_engine_in_order(model_dir, cases, tmp_path):
     assert status == 0, server.log()[-2000:]
     assert len(list(tmp_path.glob("*/*.kv"))) == 1  # the shared case, written whole
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".kv" and p.name != "engine.log"]
+
+
+def test_sigterm_answers_the_requests_received_before_it_stops(model_dir, tmp_path):
+    """SIGTERM while a reply is streaming: the engine stops listening (a new connection is refused),
+    answers a new request on an open keep-alive connection 503 with Retry-After, finishes the reply
+    it was giving, and only then exits 0; nothing it received is lost (it was cut off before)."""
+    import json
+    import time
+
+    import requests
+
+    from tests.server_process import start_server
+
+    server = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_PARALLEL": "2"},
+                          tmp_path / "engine.log")
+    try:
+        kept = requests.Session()
+        assert kept.get(server.url + "/health", timeout=30).status_code == 200  # a keep-alive connection
+        body = {"model": DEFAULT_MODEL, "prompt": "Contamos del 1 al 500: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+                "stream": True, "options": {"num_predict": 400, "temperature": 0}}
+        stream = requests.post(server.url + "/api/generate", json=body, stream=True, timeout=300)
+        lines = stream.iter_lines()
+        first = json.loads(next(lines))
+        assert not first["done"]
+        server.process.send_signal(signal.SIGTERM)
+        while "finishing the requests received" not in server.log():  # the signal was handled
+            assert server.process.poll() is None, server.log()[-2000:]
+            time.sleep(0.05)
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.url + "/health", timeout=30)
+        refused = kept.get(server.url + "/api/tags", timeout=30)
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+        assert "shutting down" in refused.json()["error"]
+        rest = [json.loads(line) for line in lines if line]
+        assert rest[-1]["done"] and rest[-1]["eval_count"] == 400, rest[-1]  # the whole reply
+        assert len(rest) >= 300  # it was still streaming when the signal came
+    finally:
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(timeout=120)
+    assert status == 0, server.log()[-2000:]
