@@ -115,15 +115,16 @@ class Loader:
         runtime = self.runtime_factory(spec, n_gpu)
         try:
             return Scheduler(runtime, cache_bytes=s.cache_ram_mb << 20, max_queue=s.max_queue, metrics=self.metrics,
-                             prefill_chunk=s.prefill_chunk, disk=_disk_cache(s, spec))
+                             prefill_chunk=s.prefill_chunk, disk=_disk_cache(s, spec, runtime.flash_attn, n_gpu))
         except BaseException:
             runtime.close()
             raise
 
 
-def _disk_cache(settings: Settings, spec: ModelSpec):
+def _disk_cache(settings: Settings, spec: ModelSpec, flash_attn: bool, n_gpu: int):
     """The model's prompt cache on disk (None when PROMPT_CACHE_MB is 0). Its states are only good
-    for the same file, adapters and KV layout, so those name its subfolder."""
+    for the same file, adapters, KV layout and arithmetic (the attention the runtime resolved, not
+    FLASH_ATTN=auto; the layers on the GPU), so those name its subfolder."""
     if not settings.prompt_cache_mb:
         return None
     import hashlib
@@ -134,7 +135,7 @@ def _disk_cache(settings: Settings, spec: ModelSpec):
         parts = [model_identity(spec.path)] + [f"{model_identity(a.path)}:{a.scale}" for a in spec.adapters]
     except OSError:
         return None
-    parts += [settings.kv_cache_type, settings.flash_attn]
+    parts += [settings.kv_cache_type, "flash-attn" if flash_attn else "no-flash-attn", f"gpu-layers:{n_gpu}"]
     model_id = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     folder = Path(settings.prompt_cache_dir).expanduser() if settings.prompt_cache_dir else default_cache_dir()
     return DiskCache(folder, settings.prompt_cache_mb << 20, model_id)

@@ -465,3 +465,22 @@ def test_logs_name_files_never_tokens(folder, caplog):
         assert cache.load(*cache.longest(toks(400, seed=4))) is None
     assert "evicted" in caplog.text and "removed" in caplog.text and "over the budget" in caplog.text
     assert not TOKEN_IN_TEXT.search(caplog.text)
+
+
+def test_the_folder_names_the_attention_resolved_and_the_gpu_layers(tmp_path):
+    """States are kept per arithmetic: FLASH_ATTN=auto shares its folder with the setting it resolves
+    to (it held the word "auto" before, so a state saved without flash attention could be offered to
+    a runtime with it), and another GPU layer count is another folder."""
+    from engine.model_files import ModelSpec
+    from engine.model_loading import _disk_cache
+    from engine.settings import Settings
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+
+    def folder(setting: str, resolved: bool, n_gpu: int = 0) -> Path:
+        settings = Settings(prompt_cache_dir=str(tmp_path / "pc"), flash_attn=setting)
+        return _disk_cache(settings, ModelSpec(gguf), resolved, n_gpu).dir
+
+    assert folder("auto", True) == folder("on", True) and folder("auto", False) == folder("off", False)
+    assert len({folder("auto", True), folder("auto", False), folder("auto", True, 12)}) == 3
