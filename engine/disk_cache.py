@@ -206,10 +206,10 @@ class DiskCache:
         with self._lock:
             return {"entries": len(self._lru), "bytes": self._bytes, **self._counts}
 
-    def longest(self, prompt: np.ndarray, usable: Callable[[int], bool] = lambda n: True
+    def longest(self, prompt: np.ndarray, usable: Callable[[int], bool] = lambda n: True, *, count: bool = True
                 ) -> tuple[int, Path] | None:
         """The longest saved prefix of `prompt` whose length `usable` accepts, as (its length, its file) for
-        `load`; None if there is none."""
+        `load`; None if there is none (a miss, unless `count` is false: a look that serves no request)."""
         if not self.enabled:
             return None
         prompt = _as_tokens(prompt)
@@ -226,7 +226,7 @@ class DiskCache:
         for n, name in sorted(found, reverse=True):
             if usable(n):
                 return n, self.dir / name
-        return self._miss()
+        return self._miss() if count else None
 
     def load(self, n_tokens: int, path: str | Path) -> bytes | None:
         """The state saved for the `n_tokens`-token prefix at `path` (from `longest`), verified against

@@ -84,8 +84,8 @@ class DiskPrompts:
             seq.disk_save = 0
 
     def saved_prefix(self, tokens: np.ndarray) -> int:
-        """The longest saved prefix of `tokens` (0: none)."""
-        hit = self.disk.longest(tokens)
+        """The longest saved prefix of `tokens` (0: none); not counted as a hit or a miss."""
+        hit = self.disk.longest(tokens, count=False)
         return hit[0] if hit is not None else 0
 
     def save_slot(self, tokens: np.ndarray, slot) -> None:

@@ -59,6 +59,8 @@ def test_round_trip(folder):
     assert files(cache) == [token_key(prompt)]
     assert cache.stats == {"entries": 1, "bytes": file_size(prompt, 5000), "hits": 1, "misses": 1, "writes": 1,
                            "evictions": 0, "corrupt": 0}
+    assert cache.longest(toks(300, seed=1), count=False) is None  # a look that serves no request (background reads)
+    assert cache.stats["misses"] == 1
 
 
 BASE = toks(400)
