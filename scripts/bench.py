@@ -553,7 +553,8 @@ def main() -> int:
     parser.add_argument("--llama-server", help="llama-server binary to compare with (default: on PATH, or the "
                         "one scripts/build_llama_server.sh built)")
     group = parser.add_argument_group("class (--only class)")
-    group.add_argument("--students", type=int, help="students at once (default 12, 6 with --model llama1b)")
+    group.add_argument("--students", type=int, help="students at once (default 12, 6 with --model llama1b; another "
+                       "number writes class-sN.md beside class.md)")
     group.add_argument("--cases", type=int, help="cases open, students spread round-robin (default 2)")
     group.add_argument("--think", type=think_range, default=(2.0, 6.0), metavar="MIN,MAX",
                        help="think time between a reply and the next question, uniform (default 2,6 seconds)")

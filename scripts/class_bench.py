@@ -528,6 +528,8 @@ def class_part(args, machine: str, llama_server: str | None,
     lines += warm_lines(summaries)
     lines.append("")
     part = "class" if args.model == "default" else f"class-{args.model}"
+    if n_students != choice.students:  # another class size sits beside the default one
+        part += f"-s{n_students}"
     return part, header, (lines, finite({"config": config, "runs": runs}))
 
 
