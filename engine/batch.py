@@ -3,7 +3,15 @@ prompts being read (short reads first, then in the order they came: engine/forec
 `read_order`), within the batch's room (N_BATCH) and, while others generate, a prefill budget
 (PREFILL_CHUNK, and PREFILL_STEP_S of reading at the measured speed), so that a long prompt slows
 the others' tokens down instead of stopping them. Chunks end where the slot policy says (row
-groups), and what each slot holds is recorded once the decode went in."""
+groups), and what each slot holds is recorded once the decode went in.
+
+A step is decoded in parts, one llama_decode each: the decoding sequences' tokens, then each prompt
+chunk alone. With a KV stream per sequence, llama.cpp splits a batch into ubatches holding the same
+number of tokens of sequences with consecutive ids (`split_equal`): a chunk beside a classmate's
+chunk or beside the replies of the slots next to it was cut at their length (66 rows read as 65 and
+1, the rest of a 395-row chunk after 116), off the row groups that keep the conversation cache
+exact, and a later turn continuing such a prefix answered otherwise than a cold read. Decoded alone,
+a chunk is one ubatch; the parts also cost less than the cut pieces (30-55 ms a step here)."""
 
 from __future__ import annotations
 
@@ -28,12 +36,27 @@ class DecodeFailed(Exception):
 
 
 @dataclass(eq=False)
+class Part:
+    """One llama_decode of a step: the batch's rows [start, end), the decoding sequences' tokens or
+    one prompt chunk (or a saver's placeholder token), and the rows whose logits are sampled."""
+
+    start: int
+    end: int
+    decoding: list[Sequence] = field(default_factory=list)
+    chunk: tuple[Sequence, int] | None = None  # the sequence, tokens
+    wants: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences to sample, and their logits row
+
+    def held(self) -> list[Sequence]:
+        return self.decoding + ([self.chunk[0]] if self.chunk else [])
+
+
+@dataclass(eq=False)
 class Batch:
-    """What one decode holds, as the runtime's batch was filled."""
+    """What one step decodes, as the runtime's batch was filled, in parts."""
 
     decoding: list[Sequence]  # one token each
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt parts: the sequence, tokens
-    wants: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences to sample, and their logits row
+    parts: list[Part] = field(default_factory=list)  # decoded in this order (the copies are made at the first)
     saving: list[Sequence] = field(default_factory=list)  # prefixes to save to disk once the copies are made
     placeholder: Sequence | None = None  # a saver's token decoded only so that the copies are made
     n: int = 0  # rows in the batch
@@ -41,10 +64,6 @@ class Batch:
     @property
     def prefill_rows(self) -> int:
         return self.n - len(self.decoding)
-
-    def held(self) -> list[Sequence]:
-        """The sequences whose tokens it held (or which wait on its copies to save)."""
-        return self.decoding + [seq for seq, _k in self.chunks] + self.saving
 
 
 class BatchBuilder:
@@ -73,8 +92,11 @@ class BatchBuilder:
         prefilling = sorted((q for q in active if q.pending_token is None),
                             key=lambda q: read_order(len(q.tokens) - q.n_prompt_done, q.started))
         rt.batch_clear()
-        for seq in batch.decoding:  # one token each: decoding never waits for a prompt to be read
-            batch.wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))
+        if batch.decoding:
+            part = Part(0, len(batch.decoding), decoding=batch.decoding)
+            for seq in batch.decoding:  # one token each: decoding never waits for a prompt to be read
+                part.wants.append((seq, rt.batch_add(seq.slot.seq_id, seq.pending_token, seq.slot.n_kv, True)))
+            batch.parts.append(part)
         batch.n = len(batch.decoding)
         # Then prompts, in chunks that fill the rest of the batch; while sequences are generating,
         # at most `prefill_chunk` prompt tokens a step, so that their next tokens are not long in coming.
@@ -87,6 +109,7 @@ class BatchBuilder:
             rt.batch_add(placeholder.slot.seq_id, int(placeholder.tokens[placeholder.disk_save]),
                          placeholder.disk_save, False)
             batch.n = 1
+            batch.parts.append(Part(0, 1))
         return batch
 
     def _add_prompts(self, batch: Batch, prefilling: list[Sequence], budget: int) -> None:
@@ -106,10 +129,12 @@ class BatchBuilder:
             last = end == len(seq.tokens)
             for pos, tok in enumerate(seq.tokens[start:end].tolist(), start):
                 rt.batch_add(seq.slot.seq_id, tok, pos, last and pos == end - 1)
-            batch.n += end - start
-            batch.chunks.append((seq, end - start))
+            part = Part(batch.n, batch.n + end - start, chunk=(seq, end - start))
+            batch.n = part.end
+            batch.chunks.append(part.chunk)
             if last:
-                batch.wants.append((seq, batch.n - 1))
+                part.wants.append((seq, batch.n - 1))
+            batch.parts.append(part)
 
     def _sliver(self, seq: Sequence, room: int) -> bool:
         """Whether the room left in this step would give `seq` a part shorter than `min_rows` that
@@ -124,14 +149,15 @@ class BatchBuilder:
         if batch.placeholder is not None:
             self.runtime.seq_rm(batch.placeholder.slot.seq_id, batch.placeholder.disk_save, -1)
 
-    def record(self, batch: Batch) -> None:
-        """The decode went in: record what each sequence's cache now holds."""
-        for seq in batch.decoding:
+    def record(self, part: Part) -> None:
+        """The part's decode went in: record what its sequences' caches now hold."""
+        for seq in part.decoding:
             slot = seq.slot
             slot.kv[slot.n_kv] = seq.pending_token
             slot.n_kv += 1
             seq.pending_token = None
-        for seq, k in batch.chunks:
+        if part.chunk is not None:
+            seq, k = part.chunk
             slot, start = seq.slot, seq.n_prompt_done
             slot.kv[start:start + k] = seq.tokens[start:start + k]
             slot.n_kv = seq.n_prompt_done = start + k

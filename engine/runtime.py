@@ -52,7 +52,7 @@ class Runtime(Protocol):
     def is_eog(self, token: int) -> bool: ...
     def batch_clear(self) -> None: ...
     def batch_add(self, seq_id: int, token: int, pos: int, logits: bool) -> int: ...
-    def decode(self) -> None: ...
+    def decode(self, start: int = 0, end: int | None = None) -> None: ...
     def logits(self, index: int) -> np.ndarray: ...
     def new_sampler(self, params: SamplingParams, native: bool = False): ...
     def sample(self, chain, index: int) -> int: ...
@@ -208,6 +208,7 @@ class LlamaRuntime:
         self.n_swa = lib.llama_model_n_swa(self.model.model)  # sliding-window size (0: none)
         self.flash_attn = ctx_params.flash_attn_type != lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # auto: on (CPU, CUDA)
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._first_row = 0  # the first row of the batch the last decode held (logits are indexed from it)
         self._n = 0  # tokens in the batch
         self._piece_buf = ctypes.create_string_buffer(64)
         self._candidates: Candidates | None = None  # for grammar sampling, made on first use
@@ -271,21 +272,28 @@ class LlamaRuntime:
         self._n = i + 1
         return i
 
-    def decode(self) -> None:
-        """One llama_decode of the batch."""
+    def decode(self, start: int = 0, end: int | None = None) -> None:
+        """One llama_decode of the batch's rows [start, end) (default: all of them); their logits
+        are then read by their index in the whole batch."""
         self._live()
-        self._batch.n_tokens = self._n
+        end = self._n if end is None else end
+        if not 0 <= start < end <= self._n:
+            raise EngineError(f"no rows {start}-{end} in a batch of {self._n}")
+        batch = self._batch if start == 0 else rows_from(self._lib, self._batch, start)
+        batch.n_tokens = end - start
         with self.turn:
-            rc = self._lib.llama_decode(self.ctx, self._batch)
+            rc = self._lib.llama_decode(self.ctx, batch)
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc}")
+        self._first_row = start
 
     # -- sampling ---------------------------------------------------------------------------
     def logits(self, index: int) -> np.ndarray:
         """The logits row of batch index `index`, in place (n_vocab float32; valid until the next
         decode)."""
         self._live()
-        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+        return np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index - self._first_row),
+                                     shape=(self.n_vocab,))
 
     def new_sampler(self, params: SamplingParams, native: bool = False):
         """A sampler chain for `params`; None for plain greedy unless `native` (`sampler_chain`).
@@ -302,7 +310,7 @@ class LlamaRuntime:
         self._live()
         if isinstance(chain, GrammarSampler):
             return chain.sample(self.logits(index))
-        return self._lib.llama_sampler_sample(chain, self.ctx, index)
+        return self._lib.llama_sampler_sample(chain, self.ctx, index - self._first_row)
 
     def free_sampler(self, chain) -> None:
         self._live()
@@ -320,7 +328,7 @@ class LlamaRuntime:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(self.n_vocab, len(banned), biases))
         lib.llama_sampler_chain_add(chain, sampler_chain(lib, self.n_vocab, params, native=True))
         try:
-            return lib.llama_sampler_sample(chain, self.ctx, index)
+            return lib.llama_sampler_sample(chain, self.ctx, index - self._first_row)
         finally:
             lib.llama_sampler_free(chain)
 
@@ -398,3 +406,13 @@ class LlamaRuntime:
         for adapter in self._adapters:
             self._lib.llama_adapter_lora_free(adapter)
         self._adapters = []
+
+
+def rows_from(lib, batch, start: int):
+    """A llama_batch over `batch`'s arrays from row `start` on (no copy; its n_tokens is the caller's)."""
+    view = lib.llama_batch()
+    for name in ("token", "pos", "n_seq_id", "seq_id", "logits"):
+        array = getattr(batch, name)
+        address = ctypes.addressof(array.contents) + start * ctypes.sizeof(array._type_)
+        setattr(view, name, ctypes.cast(address, type(array)))
+    return view

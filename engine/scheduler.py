@@ -288,24 +288,28 @@ class Scheduler(ModelView):
         if batch.n == 0:
             return
         started = time.perf_counter()
-        try:
-            self.runtime.decode()
-        except Exception as exc:
-            # Those whose tokens it held, and those whose cells a copy was to write at it (pending
-            # copies: done or not, nobody knows). Those waiting for room or a leader are untouched.
-            held = batch.held()
-            held += [q for q in self.sharing.copies_failed() if q not in held]
-            raise DecodeFailed(exc, [q for q in held if q is not None]) from exc
+        for k, part in enumerate(batch.parts):  # the decodes, then each prompt chunk alone (engine/batch.py)
+            try:
+                self.runtime.decode(part.start, part.end)
+            except Exception as exc:
+                # Those whose tokens it held, and at the first part those whose cells a copy was to
+                # write (pending copies: done or not, nobody knows) and the savers waiting on the
+                # copies. Earlier parts went in; those in later parts or waiting are untouched.
+                held = part.held()
+                if k == 0:
+                    held += [q for q in batch.saving + self.sharing.copies_failed() if q not in held]
+                raise DecodeFailed(exc, [q for q in held if q is not None]) from exc
+            if k == 0:
+                self.sharing.copies_done()
+                self.batcher.drop_placeholder(batch)
+                if batch.saving:
+                    self.prompts.save(batch.saving)
+            self.batcher.record(part)
+            for seq, index in part.wants:
+                finish = self.replier.sample(seq, index)
+                if finish:
+                    self._finish(seq, finish=finish)
         self.estimator.observe_step(batch.prefill_rows, time.perf_counter() - started, len(batch.decoding))
-        self.sharing.copies_done()
-        self.batcher.drop_placeholder(batch)
-        if batch.saving:
-            self.prompts.save(batch.saving)
-        self.batcher.record(batch)
-        for seq, index in batch.wants:
-            finish = self.replier.sample(seq, index)
-            if finish:
-                self._finish(seq, finish=finish)
 
     def _finish(self, seq: Sequence, error: BaseException | None = None, finish: str = "") -> None:
         """Take `seq` out of its slot and hand its result (or error) to the waiting request. The

@@ -232,11 +232,14 @@ def _tracebacks(log: str, keep: int = 2) -> list[str]:
 
 def raw_abandon(server: Server) -> str:
     """A non-streaming generation whose client leaves after a second; unless the engine answered
-    within it (a refusal: 503 when its deadline estimate says no), then that status."""
-    body = json.dumps({"prompt": PROMPT, "max_length": 400, "stop": []}).encode()
+    within it (a refusal: 503 when its deadline estimate says no), then that status. The reply is
+    400 tokens of counting at temperature 0 (several seconds): a patient's line could end within the
+    second, and be answered before its client left."""
+    body = json.dumps({"model": "gemma-3-270m-q4_k_m", "prompt": COUNTING, "stream": False,
+                       "options": {"num_predict": 400, "temperature": 0}}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(http("POST", "/generate", body))
+        sock.sendall(http("POST", "/api/generate", body))
         time.sleep(1.0)
         sock.setblocking(False)
         try:
@@ -247,6 +250,7 @@ def raw_abandon(server: Server) -> str:
 
 
 ABANDONED = "closed by client"
+COUNTING = "Contamos del 1 al 500: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
 def trickle(server: Server) -> str:

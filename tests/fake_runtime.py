@@ -13,6 +13,8 @@ scheduler's own).
   order, at most n_ctx of them). With `n_swa`, a saved state longer than the window holds only the
   window's last positions (seq_pos_min after restoring it), and decoding a position whose window
   reaches before what the sequence holds fails, as an inexact continuation would be in llama.cpp.
+- `decode(start, end)` decodes those rows of the batch, as LlamaRuntime does; `decoded` lists each
+  decode's rows, so tests can see how a step was cut into parts.
 - `closed`, `decode_calls`, `tokenize_calls`, `live_samplers`; every method but close() raises
   RuntimeClosed after close(), so a model used after it was switched out shows up in tests.
 - `inject(method, *errors)`: the next calls of `decode` or `seq_rm` raise those errors, one each,
@@ -92,6 +94,7 @@ class FakeRuntime:
                          "general.file_type": "15", "fake.context_length": str(n_ctx), **(metadata or {})}
         self.closed = False
         self.decode_calls = 0
+        self.decoded: list[list[tuple[int, int, int, bool]]] = []  # each decode's rows (seq_id, token, pos, logits)
         self.tokenize_calls = 0
         self.live_samplers = 0
         self._kv: list[list[int]] = [[] for _ in range(n_parallel)]  # tokens at positions 0..n-1
@@ -151,18 +154,23 @@ class FakeRuntime:
         self._batch.append((int(seq_id), int(token), int(pos), bool(logits)))
         return len(self._batch) - 1
 
-    def decode(self) -> None:
+    def decode(self, start: int = 0, end: int | None = None) -> None:
         self._live()
         self.decode_calls += 1
         self._fault("decode")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
-        rc = self._check_batch()
+        end = len(self._batch) if end is None else end
+        if not 0 <= start < end <= len(self._batch):
+            raise EngineError(f"no rows {start}-{end} in a batch of {len(self._batch)}")
+        part = self._batch[start:end]
+        self.decoded.append(part)
+        rc = self._check_batch(part)
         if rc != 0:
             raise EngineError(f"llama_decode failed with status {rc}")
         self._rows = {}
         rows = []
-        for i, (seq_id, token, pos, logits) in enumerate(self._batch):
+        for i, (seq_id, token, pos, logits) in enumerate(part, start):
             self._kv[seq_id].append(token)
             if logits:
                 self._rows[i] = len(rows)
@@ -170,13 +178,13 @@ class FakeRuntime:
         self._logits = np.full((len(rows), N_VOCAB), OTHER_LOGIT, dtype=np.float32)
         self._logits[np.arange(len(rows)), rows] = 0.0
 
-    def _check_batch(self) -> int:
-        """llama_decode's status for the batch: -1 for a bad token, sequence or position, 1 when a
+    def _check_batch(self, rows: list[tuple[int, int, int, bool]]) -> int:
+        """llama_decode's status for the rows: -1 for a bad token, sequence or position, 1 when a
         sequence has no cells left; nothing is changed unless it is 0."""
-        if not self._batch:
+        if not rows:
             return -1
         n_held = [len(kv) for kv in self._kv]
-        for seq_id, token, pos, _logits in self._batch:
+        for seq_id, token, pos, _logits in rows:
             if not (0 <= token < N_VOCAB and 0 <= seq_id < self.n_parallel) or pos != n_held[seq_id]:
                 return -1
             if pos >= self.n_ctx:

@@ -97,10 +97,11 @@ class StepClock:
     def install(self, monkeypatch, eng: Scheduler) -> "StepClock":
         decode = eng.runtime.decode
 
-        def step(*args, **kwargs):
+        def step(start: int = 0, end: int | None = None):
             rows = len(getattr(eng.runtime, "_batch", ())) if self.row_s else 0  # the fake runtime's batch
+            rows = (rows if end is None else end) - start  # the rows this decode holds
             self.now += self.step_s + self.row_s * rows  # only the scheduler's thread decodes
-            return decode(*args, **kwargs)
+            return decode(start, end)
 
         monkeypatch.setattr(eng.runtime, "decode", step)
         monkeypatch.setattr(time, "perf_counter", self)

@@ -15,7 +15,7 @@ import pytest
 from engine.generation import SamplingParams
 from engine.patient import render_case_prompt, reply_text
 from engine.scheduler import Scheduler
-from tests.helpers import cache_scheduler, long_history, real_scheduler, simulator_reply, submit
+from tests.helpers import SIMULATOR_GREEDY, cache_scheduler, long_history, real_scheduler, simulator_reply, submit
 
 QUESTIONS = ["¿Desde cuándo te pasa?", "¿Cómo afecta eso a tu trabajo?", "¿Hablaste con alguien de esto?",
              "¿Qué te gustaría que cambie?"]
@@ -129,3 +129,27 @@ def test_a_batch_smaller_than_the_minimum_rows_still_reads_the_prompt(default_mo
         assert seq.wait().tokens > 0
     finally:
         eng.close()
+
+
+def test_prompts_read_in_the_same_step_on_adjacent_slots_keep_the_cache_exact(default_model_file, cases):
+    """Two students' prompts read in the same step, in slots with consecutive ids: the next turn of
+    each, asked alone, continues its cached prefix and answers as a cold read. In one llama_decode,
+    llama.cpp cut such a step into ubatches of equal length per sequence (66 rows read as 65 and 1),
+    off the row groups, and 2 of these 6 next turns answered otherwise (mean log-probability off by
+    up to 1.5e-2); each chunk is now decoded alone."""
+    eng = cache_scheduler(default_model_file, cache=True, n_parallel=2, flash_attn="on")
+    fresh = cache_scheduler(default_model_file, cache=False, n_parallel=1, flash_attn="on")
+    try:
+        for first, second, more_a, more_b in [(0, 1, 3, 1), (1, 2, 5, 0), (2, 0, 2, 6)]:
+            prompts = [render_case_prompt(dict(cases[c], turnos=long_history(cases[c], n)))
+                       for c, n in ((first, more_a), (second, more_b))]
+            with eng._cond:  # both placed, and read, at the same step
+                seqs = [submit(eng, p, SIMULATOR_GREEDY, reply_text(None)) for p in prompts]
+            for prompt, seq in zip(prompts, seqs):
+                following = prompt + " " + seq.wait().text + "\nEstudiante: ¿Y cómo dormís?\nPaciente:"
+                a, b = simulator_reply(eng, following), simulator_reply(fresh, following)
+                assert a.reused_tokens > 0
+                assert (a.text, a.mean_logprob) == (b.text, b.mean_logprob), (first, second)
+    finally:
+        eng.close()
+        fresh.close()

@@ -38,6 +38,23 @@ def ask(eng: Scheduler, prompt: str, params: SamplingParams = GREEDY, timeout_s:
     return submit(eng, prompt, params, timeout_s=timeout_s)
 
 
+def test_a_step_decodes_the_replies_and_each_prompt_chunk_apart(make):
+    """Replies generating while prompts of other lengths are read, in slots side by side: every
+    llama_decode holds either one token of each generating sequence or one sequence's prompt chunk
+    (llama.cpp would cut a mixed batch at the shortest sequence's length, off the row groups)."""
+    eng = make(n_parallel=4, n_batch=64, reply="x" * 30)
+    with eng._cond:  # placed together: two short prompts, then two long ones of other lengths
+        seqs = [ask(eng, prompt) for prompt in ("Hola.", "¿Qué tal?", "Contame de tu casa. " * 9, "¿Y? " * 31)]
+    for seq in seqs:
+        seq.wait()
+    calls = eng.runtime.decoded
+    replies = [rows for rows in calls if len({seq_id for seq_id, *_ in rows}) > 1]
+    chunks = [rows for rows in calls if len({seq_id for seq_id, *_ in rows}) == 1 and len(rows) > 1]
+    assert all(len({seq_id for seq_id, *_ in rows}) == len(rows) for rows in replies)  # one token each
+    assert replies and chunks and len(replies) + len(chunks) <= len(calls)
+    assert max(len(rows) for rows in chunks) > 32  # long prompts read in chunks while others generate
+
+
 def test_concurrent_requests_each_get_the_models_reply(make):
     """Six requests from six threads through two slots, greedy and sampled: every one gets the
     reply whole, and every sampler chain is freed."""
