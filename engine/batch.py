@@ -55,7 +55,6 @@ class Batch:
     """What one step decodes, as the runtime's batch was filled, in parts."""
 
     decoding: list[Sequence]  # one token each
-    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # prompt parts: the sequence, tokens
     parts: list[Part] = field(default_factory=list)  # decoded in this order (the copies are made at the first)
     saving: list[Sequence] = field(default_factory=list)  # prefixes to save to disk once the copies are made
     placeholder: Sequence | None = None  # a saver's token decoded only so that the copies are made
@@ -131,7 +130,6 @@ class BatchBuilder:
                 rt.batch_add(seq.slot.seq_id, tok, pos, last and pos == end - 1)
             part = Part(batch.n, batch.n + end - start, chunk=(seq, end - start))
             batch.n = part.end
-            batch.chunks.append(part.chunk)
             if last:
                 part.wants.append((seq, batch.n - 1))
             batch.parts.append(part)
