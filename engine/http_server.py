@@ -144,10 +144,8 @@ class Loop:
     connections) and the trigger that runs a function in its loop thread."""
 
     def __init__(self, server) -> None:
-        self.server = server
-        first = listeners(server)[0]
-        self.map, self.trigger = first._map, first.trigger
-        self.listeners = listeners(server)
+        self.server, self.listeners = server, listeners(server)
+        self.map, self.trigger = self.listeners[0]._map, self.listeners[0].trigger
 
     def run_in_loop(self, fn) -> bool:
         try:
