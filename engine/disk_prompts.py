@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from engine.disk_cache import token_key
 from engine.runtime import Runtime
 from engine.sequence import Sequence
 from engine.slot_policy import MIN_RESTORE_GAIN, SlotPolicy
@@ -24,7 +25,7 @@ class DiskPrompts:
         self.disk, self.runtime, self.policy, self.metrics = disk, runtime, policy, metrics
         self._writes: queue.Queue = queue.Queue()
         # Prefixes whose state is queued for the writer but not on disk yet: not saved a second time.
-        self._queued: set[bytes] = set()
+        self._queued: set[str] = set()  # their files' names (disk_cache.token_key)
         self._queued_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write, name="prompt-cache-writer", daemon=True)
         self._writer.start()
@@ -70,7 +71,7 @@ class DiskPrompts:
         if any(q.disk_save == save and np.array_equal(q.tokens[:save], prefix) for q in saving):
             return 0
         with self._queued_lock:
-            if _key(prefix) in self._queued:
+            if _file_name(prefix) in self._queued:
                 return 0
         return 0 if self.disk.contains(prefix) else save
 
@@ -99,7 +100,7 @@ class DiskPrompts:
 
     def _queue(self, tokens: np.ndarray, state: bytes) -> None:
         with self._queued_lock:
-            self._queued.add(_key(tokens))
+            self._queued.add(_file_name(tokens))
         self._writes.put((tokens, state))
 
     def _write(self) -> None:
@@ -113,7 +114,7 @@ class DiskPrompts:
                 self.disk.put(tokens, state)
             finally:
                 with self._queued_lock:
-                    self._queued.discard(_key(tokens))
+                    self._queued.discard(_file_name(tokens))
 
     def close(self) -> None:
         """Finish the files being written."""
@@ -121,5 +122,6 @@ class DiskPrompts:
         self._writer.join()
 
 
-def _key(tokens: np.ndarray) -> bytes:
-    return np.ascontiguousarray(tokens, dtype=np.int32).tobytes()
+def _file_name(tokens: np.ndarray) -> str:
+    """The name the disk cache gives the state of `tokens` (its key)."""
+    return token_key(np.ascontiguousarray(tokens, dtype=np.int32))
