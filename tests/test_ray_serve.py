@@ -144,7 +144,9 @@ def test_generate_streams_through_ray(ray_engine, cases):
         arrivals = [(time.perf_counter(), event) for event in sse_events(r.iter_lines())]
     tokens = [event for _, event in arrivals if "text" in event]
     final = arrivals[-1][1]
-    assert len(tokens) >= 10 and final["metadata"]["tokens"] == len(tokens)
+    # An event carries the text that became stable: usually one token's, but a token that is only
+    # whitespace (held back until the reply goes on) or half a character arrives with the next one.
+    assert 10 <= len(tokens) <= final["metadata"]["tokens"]
     assert final["texto"] == "".join(e["text"] for e in tokens).strip()
     assert final["metadata"]["replica"] == replica
     generating_s = (final["metadata"]["duration_ms"] - final["metadata"]["ttft_ms"]) / 1000
