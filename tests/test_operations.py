@@ -104,7 +104,8 @@ def test_full_queue_is_503_with_retry_after(limited):
         results[name] = requests.post(limited.url + "/generate", json=body, timeout=300)
 
     body = {**LONG, "max_length": 50}
-    first = threading.Thread(target=call, args=("first", body))
+    # The first generates long enough for the others to be sent while it runs, however slow they are.
+    first = threading.Thread(target=call, args=("first", {**body, "max_length": 400}))
     first.start()
     wait_until(lambda: health(limited)["busy"], what="the first request to generate")
     second = threading.Thread(target=call, args=("second", body))
@@ -189,10 +190,12 @@ def test_health_stays_ok_while_another_model_loads_and_becomes_the_default(serve
     swap = threading.Thread(target=lambda: requests.post(
         server.url + "/load-model", json={"model_name": "persona/alt-model.gguf"}, timeout=60))
     swap.start()
-    while swap.is_alive():
+    while True:  # at least once, even if the load is over before the first look
         r = requests.get(server.url + "/health", timeout=10)
         seen.append((r.status_code, r.json()["loading"]))
         assert r.json()["model_loaded"] is True and "model_path" in r.json()
+        if not swap.is_alive():
+            break
     swap.join()
     assert {status for status, _ in seen} == {200}
     health = requests.get(server.url + "/health", timeout=10).json()

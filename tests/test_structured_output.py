@@ -387,7 +387,7 @@ def test_openai_python_client_json_object_json_schema_and_parse(server):
                                            "name": "evaluation", "schema": ARRAYS}}})
     assert legacy.choices[0].finish_reason == "stop"
     _validates(legacy.choices[0].text, ARRAYS)
-    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, temperature=0,
                                          response_format={"type": "json_object"})
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
     with pytest.raises(openai.LengthFinishReasonError):
