@@ -55,6 +55,20 @@ def closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
+def still_open(sock: socket.socket) -> bool:
+    """Nothing to read and not closed: a look that does not wait."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except BlockingIOError:
+        return True
+    except ConnectionResetError:
+        return False
+    finally:
+        sock.settimeout(timeout)
+
+
 def authorized(**headers) -> dict:
     return {"Authorization": f"Bearer {KEY}", **headers}
 
@@ -103,6 +117,8 @@ def test_one_address_cannot_hold_every_connection(guarded):
         time.sleep(0.3)  # the server has accepted them
         with connect(guarded) as fifth:
             assert closed_by_server(fifth)
+        # Closed for the limit, not for being idle: the four idle longer are still open.
+        assert all(still_open(sock) for sock in held)
         r = session_from("127.0.0.2").get(guarded.url + "/models", headers=authorized(), timeout=30)
         assert r.status_code == 200
     finally:
