@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 from waitress import create_server, wasyncore
@@ -148,6 +149,8 @@ class Loop:
         self.map, self.trigger = self.listeners[0]._map, self.listeners[0].trigger
 
     def run_in_loop(self, fn) -> bool:
+        if getattr(self.trigger, "_closed", False):  # waitress would write to its closed descriptor
+            return False
         try:
             self.trigger.pull_trigger(fn)
             return True
@@ -156,9 +159,24 @@ class Loop:
             return False
 
     def close(self) -> None:
-        socket_map = self.map
-        if not self.run_in_loop(lambda: wasyncore.close_all(socket_map, ignore_all=True)):
+        """Close everything from another thread while the loop runs: run() returns."""
+        if getattr(self.trigger, "_closed", False):
+            return  # closed already
+        if not self.run_in_loop(self.close_here):
             self.server.close()  # close from here, as before
+
+    def close_here(self) -> None:
+        """Close every socket, in the loop's thread or once run() has returned. The connections
+        first: a request still running sees its client gone and stops, and a worker thread that
+        writes to a closed connection does not pull the trigger (waitress writes to the trigger's
+        descriptor even after it is closed: by then the number may be another file's)."""
+        sockets = sorted(self.map.values(), key=lambda d: not isinstance(d, HTTPChannel))
+        for dispatcher in sockets:
+            try:
+                dispatcher.close()
+            except Exception:  # noqa: BLE001 - as wasyncore.close_all(ignore_all=True): close the rest
+                log.debug("closing %r", dispatcher, exc_info=True)
+        self.map.clear()
 
     def stop_listening(self) -> None:
         """Refuse new connections; those open stay, and the loop goes on serving them."""
@@ -175,14 +193,14 @@ class Loop:
                    if isinstance(ch, HTTPChannel) and (ch.requests or ch.total_outbufs_len))
 
 
-def drain(server, timeout_s: float, poll_s: float = 0.05) -> int:
-    """A graceful stop of a running server, from another thread: refuse new connections, go on
-    answering the requests received until none is left or `timeout_s` has passed, then close
-    everything (run() returns). Returns how many requests were cut off (0: none)."""
-    loop = Loop(server)
+def drain(loop: Loop, timeout_s: float, poll_s: float = 0.05, cancel: threading.Event | None = None) -> int:
+    """The first half of a graceful stop of a running server, from another thread: refuse new
+    connections and wait while the requests received are answered, until none is left, `timeout_s`
+    has passed or `cancel` is set. The caller then closes the rest (`loop.close()`: run() returns).
+    Returns how many requests are left unanswered (0: none)."""
+    cancel = cancel or threading.Event()
     loop.stop_listening()
     end = time.monotonic() + timeout_s
-    while (left := loop.in_progress()) and time.monotonic() < end:
-        time.sleep(poll_s)
-    loop.close()
+    while (left := loop.in_progress()) and time.monotonic() < end and not cancel.wait(poll_s):
+        pass
     return left

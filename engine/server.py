@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import queue
 import signal
 import sys
 import threading
 
 from engine.app import create_app
 from engine.errors import EngineError, ModelLoadError, SettingsError
-from engine.http_server import build_server, close_from_another_thread, drain
+from engine.http_server import Loop, build_server, drain
 from engine.logs import configure_logging
 from engine.model_files import describe_path
 from engine.model_manager import ModelManager
@@ -42,6 +43,7 @@ def serve(settings: Settings) -> int:
                           "set API_PORT to a free port") from exc
     url = f"http://{settings.api_host}:{server.effective_port}"
     failure: list[str] = []
+    loop = Loop(server)  # now: a multi-address server's listeners leave its map as they close
 
     def load() -> None:
         log.info("loading model %s", describe_path(plan.spec.path))
@@ -49,26 +51,31 @@ def serve(settings: Settings) -> int:
             model, _seconds = host.load(plan.spec)
         except EngineError as exc:
             failure.append(f"cannot start: {exc.message}")
-            close_from_another_thread(server)  # run() returns once nothing is left to serve
+            loop.close()  # run() returns once nothing is left to serve
             return
         # One plain line that people and scripts can read, whatever the log format.
         print(f"ai-engine listening on {url} with model {model.name} ({model.path})", file=sys.stderr, flush=True)
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
+    stop = None
     if threading.current_thread() is threading.main_thread():
         # docker stop, systemd, a supervisor, Ctrl-C: a graceful stop, so that no request received
         # is lost and the models are closed in order (the prompt cache's files being written are
         # finished) rather than the process cut off. A second signal stops at once.
-        stop = GracefulStop(server, app.extensions["draining"], settings.shutdown_timeout_s)
-        signal.signal(signal.SIGTERM, stop.signal)
-        signal.signal(signal.SIGINT, stop.signal)
+        stop = GracefulStop(loop, app.extensions["draining"], settings.shutdown_timeout_s)
+        previous = {signum: signal.signal(signum, stop.signal) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
-        server.close()
+        if stop is not None:
+            stop.closing()
+        loop.close_here()  # requests still running see their clients gone and stop
         host.close()
+        if stop is not None:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     if failure:
         raise ModelLoadError(failure[0])
     return 0
@@ -77,22 +84,57 @@ def serve(settings: Settings) -> int:
 class GracefulStop:
     """The first SIGTERM or SIGINT: refuse new connections, answer new requests on open ones 503
     (`draining`), and go on serving those received, for up to `timeout_s`; then the server closes
-    and serve() returns. The second: stop at once (KeyboardInterrupt, as before)."""
+    and serve() returns. The second: close every connection at once (the requests still running
+    stop), and serve() returns. Once serve() is past run() (`closing`), signals change nothing: it
+    is stopping already, and an exception raised while it closes the models would leave them
+    half-closed.
 
-    def __init__(self, server, draining: threading.Event, timeout_s: float) -> None:
-        self.server, self.draining, self.timeout_s = server, draining, timeout_s
+    The handler runs in the main thread between two of its steps, wherever it is, even holding a
+    lock: it only hands the signal to a thread of its own (SimpleQueue.put is reentrant), which
+    does the rest."""
+
+    def __init__(self, loop: Loop, draining: threading.Event, timeout_s: float) -> None:
+        self.loop, self.draining, self.timeout_s = loop, draining, timeout_s
+        self.cancel = threading.Event()  # the drain stops waiting and closes nothing
+        self._signals: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._closing = False
+        self._watcher = threading.Thread(target=self._watch, name="graceful-stop", daemon=True)
+        self._watcher.start()
 
     def signal(self, signum, frame) -> None:
-        if self.draining.is_set():
-            raise KeyboardInterrupt
+        if not self._closing:
+            self._signals.put(signal.Signals(signum).name)
+
+    def closing(self) -> None:
+        """serve() is past run(): later signals change nothing, and the threads are done."""
+        self._closing = True
+        self._signals.put(None)
+        self._watcher.join()
+
+    def _watch(self) -> None:
+        name = self._signals.get()
+        if name is None:
+            return
         self.draining.set()
-        print(f"ai-engine: {signal.Signals(signum).name}: finishing the requests received (at most "
-              f"{self.timeout_s} s; again to stop at once)", file=sys.stderr, flush=True)
-        threading.Thread(target=self._drain, name="graceful-stop", daemon=True).start()
+        print(f"ai-engine: {name}: finishing the requests received (at most {self.timeout_s} s; again to stop "
+              "at once)", file=sys.stderr, flush=True)
+        drainer = threading.Thread(target=self._drain, name="graceful-stop-drain", daemon=True)
+        drainer.start()
+        again = self._signals.get()  # a second signal, or serve() past run()
+        self.cancel.set()
+        drainer.join()
+        if again is not None:
+            log.warning("%s again: closing every connection now", again)
+            self.loop.close()
 
     def _drain(self) -> None:
-        cut = drain(self.server, self.timeout_s)
-        if cut:
+        cut = 0
+        try:
+            cut = drain(self.loop, self.timeout_s, cancel=self.cancel)
+        finally:
+            if not self.cancel.is_set():
+                self.loop.close()  # whatever happened: run() returns
+        if cut and not self.cancel.is_set():
             log.warning("stopping with %d request(s) unanswered after SHUTDOWN_TIMEOUT_S=%s", cut, self.timeout_s)
 
 

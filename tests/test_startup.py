@@ -208,3 +208,98 @@ def test_sigterm_answers_the_requests_received_before_it_stops(model_dir, tmp_pa
         server.process.send_signal(signal.SIGTERM)
         status = server.process.wait(timeout=120)
     assert status == 0, server.log()[-2000:]
+
+
+def test_a_second_sigterm_stops_at_once(model_dir, tmp_path):
+    """The second signal closes the connections (the reply being streamed stops where it is) and
+    the engine exits 0; one more, while it closes the models or after, is not an error either."""
+    import json
+
+    import requests
+
+    from tests.server_process import start_server
+
+    server = start_server({"MODEL_PATH": str(model_dir), "MODEL": DEFAULT_MODEL, "N_PARALLEL": "2",
+                           "SHUTDOWN_TIMEOUT_S": "600"}, tmp_path / "engine.log")
+    try:
+        body = {"model": DEFAULT_MODEL, "prompt": "Contamos del 1 al 2000: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+                "stream": True, "options": {"num_predict": 2000, "temperature": 0}}
+        stream = requests.post(server.url + "/api/generate", json=body, stream=True, timeout=300)
+        lines = (json.loads(line) for line in stream.iter_lines() if line)
+        assert not next(lines)["done"]
+        server.process.send_signal(signal.SIGTERM)
+        wait_for_log(server, "finishing the requests received")
+        assert not next(lines)["done"]  # the first signal cut nothing
+        server.process.send_signal(signal.SIGTERM)
+        wait_for_log(server, "closing every connection now")
+        rest = []
+        try:
+            rest = list(lines)
+        except requests.RequestException:
+            pass  # closed in the middle of a chunk
+        assert not rest or not rest[-1]["done"]  # cut off: the reply's last line never came
+        server.process.send_signal(signal.SIGTERM)  # closing the models, or gone (then nothing is sent)
+    finally:
+        status = server.process.wait(timeout=300)
+    assert status == 0, server.log()[-2000:]
+    assert "Traceback" not in server.log()
+
+
+class FakeLoop:
+    """What GracefulStop asks of the server's loop: a request that never ends, and closes counted."""
+
+    def __init__(self):
+        self.closed = 0
+
+    def stop_listening(self):
+        pass
+
+    def in_progress(self):
+        return 1
+
+    def close(self):
+        self.closed += 1
+
+
+def test_signals_after_run_returned_change_nothing():
+    """Once serve() is past run() (`closing`), a signal neither raises nor closes anything: before,
+    a second SIGTERM landing there raised KeyboardInterrupt while the models closed (exit 130)."""
+    import threading
+
+    from engine.server import GracefulStop
+
+    loop, draining = FakeLoop(), threading.Event()
+    stop = GracefulStop(loop, draining, timeout_s=600)
+    stop.signal(signal.SIGTERM, None)
+    assert draining.wait(60)
+    stop.closing()  # as when the drain has closed everything and run() returned
+    stop.signal(signal.SIGTERM, None)
+    stop.signal(signal.SIGINT, None)
+    assert loop.closed == 0  # the drain was told to stop waiting; serve() closes what is left
+
+
+def test_the_second_signal_closes_the_loop_once():
+    import threading
+    import time
+
+    from engine.server import GracefulStop
+
+    loop, draining = FakeLoop(), threading.Event()
+    stop = GracefulStop(loop, draining, timeout_s=600)
+    stop.signal(signal.SIGINT, None)
+    assert draining.wait(60)
+    stop.signal(signal.SIGINT, None)
+    for _ in range(1200):
+        if loop.closed:
+            break
+        time.sleep(0.05)
+    stop.closing()
+    assert loop.closed == 1
+
+
+def wait_for_log(server, text: str) -> None:
+    import time
+
+    while text not in server.log():
+        assert server.process.poll() is None, server.log()[-2000:]
+        time.sleep(0.05)
