@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class DiskPrompts:
             self.metrics.cache_hits.labels(cache="disk").inc()
         return True
 
-    def save_point(self, tokens: np.ndarray, shared: int, saving: list[Sequence] = ()) -> int:
+    def save_point(self, tokens: np.ndarray, shared: int, saving: Iterable[Sequence] = ()) -> int:
         """How much of a prefix of `shared` tokens that a copy gives `tokens` to save (0: none, or
         the disk holds it already, or it is on its way there: queued for the writer, or to be
         saved by one of `saving`, the sequences with a save pending): the longest length whose
@@ -70,10 +71,7 @@ class DiskPrompts:
         prefix = tokens[:save]
         if any(q.disk_save == save and np.array_equal(q.tokens[:save], prefix) for q in saving):
             return 0
-        with self._queued_lock:
-            if _file_name(prefix) in self._queued:
-                return 0
-        return 0 if self.disk.contains(prefix) else save
+        return 0 if self._saved_or_queued(prefix) else save
 
     def save(self, savers: list[Sequence]) -> None:
         """After the decode that made their copies: each saver's slot holds exactly the prefix to
@@ -92,11 +90,20 @@ class DiskPrompts:
     def save_slot(self, tokens: np.ndarray, slot) -> None:
         """Save the state of `slot`, which holds exactly `tokens` (a prefix read in the background:
         engine/background_reads.py), unless the disk holds it already; written off this thread."""
-        if slot.n_kv != len(tokens) or self.disk.contains(tokens):
+        tokens = np.array(tokens, dtype=np.int32)
+        if slot.n_kv != len(tokens) or self._saved_or_queued(tokens):
             return
         state = self.runtime.state_get(slot.seq_id)
         if state:
-            self._queue(np.array(tokens, dtype=np.int32), state)
+            self._queue(tokens, state)
+
+    def _saved_or_queued(self, tokens: np.ndarray) -> bool:
+        """Whether the state of `tokens` is on disk or queued for the writer. The writer puts a
+        file before it forgets the name, and this looks at the names first: never neither."""
+        with self._queued_lock:
+            if _file_name(tokens) in self._queued:
+                return True
+        return self.disk.contains(tokens)
 
     def _queue(self, tokens: np.ndarray, state: bytes) -> None:
         with self._queued_lock:
@@ -111,7 +118,9 @@ class DiskPrompts:
                 return
             tokens, state = item
             try:
-                self.disk.put(tokens, state)
+                self.disk.put(tokens, state)  # logs disk errors itself
+            except Exception:  # noqa: BLE001 - a bug here must not stop the saves that follow
+                log.exception("disk prompt cache: saving %d tokens failed", len(tokens))
             finally:
                 with self._queued_lock:
                     self._queued.discard(_file_name(tokens))
