@@ -4,8 +4,9 @@ A scheduler thread drives the runtime (engine/runtime.py: the llama.cpp handles)
 in a bounded FIFO (`MAX_QUEUE`; full → 503 with Retry-After; 0: no waiting, only free slots take
 requests) until a sequence slot is free; then
 each step builds one batch holding the next token of every decoding sequence plus chunks of the
-prompts being read (so a long prompt never stalls the others), runs one decode, and samples every
-sequence that has logits with its own sampler chain (plain greedy takes the argmax). Finished,
+prompts being read (so a long prompt never stalls the others), decodes it in parts (the replies'
+tokens, then each prompt chunk alone: engine/batch.py), and after each part samples every sequence
+that has logits with its own sampler chain (plain greedy takes the argmax). Finished,
 cancelled and timed-out sequences leave at once.
 
 Each slot is a KV-cache sequence of its own, N_CTX tokens long (the context is split, not shared:
@@ -22,7 +23,7 @@ following one still reading it), `DiskPrompts` (engine/disk_prompts.py: the prom
 `BatchBuilder` (engine/batch.py: each step's batch within the prefill budget), `Replier`
 (engine/replying.py: sampling and the reply) and `Watchdog` (engine/watchdog.py).
 
-Failures: a llama_decode that fails ends the requests whose tokens were in that batch (500) and
+Failures: a llama_decode that fails ends the requests whose tokens were in that part (500) and
 the others go on. Should the thread itself die (an exception escaping its loop, or MAX_FAILED_STEPS
 steps failing in a row), every request it held is answered 503 at once, later ones too, and
 `failed` turns true for /health: nothing is left waiting on a thread that is gone.
@@ -282,12 +283,13 @@ class Scheduler(ModelView):
                   seq.n_prompt_done, len(seq.tokens), seq.leader.slot.seq_id if seq.leader else None, seq.target)
 
     def _step(self) -> None:
-        """One decode for every active sequence, then sample those that have logits."""
+        """One step for every active sequence: its batch decoded part by part, each part's
+        sequences with logits sampled before the next part's decode overwrites them."""
         self.admission.expire(time.perf_counter(), self._finish)
         batch = self.batcher.build([s.seq for s in self.slots if s.seq is not None])
         if batch.n == 0:
             return
-        started = time.perf_counter()
+        started, aside = time.perf_counter(), 0.0
         for k, part in enumerate(batch.parts):  # the decodes, then each prompt chunk alone (engine/batch.py)
             try:
                 self.runtime.decode(part.start, part.end)
@@ -297,19 +299,23 @@ class Scheduler(ModelView):
                 # copies. Earlier parts went in; those in later parts or waiting are untouched.
                 held = part.held()
                 if k == 0:
-                    held += [q for q in batch.saving + self.sharing.copies_failed() if q not in held]
+                    for q in batch.saving + self.sharing.copies_failed():
+                        if q not in held:  # a saver is also a copy's target: once
+                            held.append(q)
                 raise DecodeFailed(exc, [q for q in held if q is not None]) from exc
             if k == 0:
                 self.sharing.copies_done()
                 self.batcher.drop_placeholder(batch)
-                if batch.saving:
+                if batch.saving:  # a copy of the prefix's state, now and once: not a step's cost
+                    saved = time.perf_counter()
                     self.prompts.save(batch.saving)
+                    aside += time.perf_counter() - saved
             self.batcher.record(part)
             for seq, index in part.wants:
                 finish = self.replier.sample(seq, index)
                 if finish:
                     self._finish(seq, finish=finish)
-        self.estimator.observe_step(batch.prefill_rows, time.perf_counter() - started, len(batch.decoding))
+        self.estimator.observe_step(batch.prefill_rows, time.perf_counter() - started - aside, len(batch.decoding))
 
     def _finish(self, seq: Sequence, error: BaseException | None = None, finish: str = "") -> None:
         """Take `seq` out of its slot and hand its result (or error) to the waiting request. The
