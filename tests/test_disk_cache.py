@@ -486,3 +486,30 @@ def test_the_folder_names_the_attention_resolved_and_the_gpu_layers(tmp_path):
 
     assert folder("auto", True) == folder("on", True) and folder("auto", False) == folder("off", False)
     assert len({folder("auto", True), folder("auto", False), folder("auto", True, 12)}) == 3
+
+
+def test_the_writer_goes_on_after_an_unexpected_error(folder, monkeypatch, caplog):
+    """A bug in one save is logged (without the tokens) and the next save is written; the failed
+    prefix is no longer counted as on its way, so it can be saved again."""
+    from engine.disk_prompts import DiskPrompts
+
+    cache = DiskCache(folder, 1 << 20, MODEL)
+    put = cache.put
+    calls = []
+
+    def first_fails(tokens, st):
+        calls.append(len(tokens))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        put(tokens, st)
+
+    monkeypatch.setattr(cache, "put", first_fails)
+    prompts = DiskPrompts(cache, runtime=None, policy=None)
+    failed, saved = toks(200, seed=1), toks(300, seed=2)
+    with caplog.at_level(logging.ERROR, logger="engine.disk_prompts"):
+        prompts._queue(failed, state(100))
+        prompts._queue(saved, state(100))
+        prompts.close()  # waits for the writer: it must still be there to see the end
+    assert calls == [200, 300] and cache.contains(saved) and not cache.contains(failed)
+    assert "saving 200 tokens failed" in caplog.text and not TOKEN_IN_TEXT.search(caplog.text)
+    assert not prompts._saved_or_queued(failed)
