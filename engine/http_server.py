@@ -148,8 +148,13 @@ class Loop:
         self.server, self.listeners = server, listeners(server)
         self.map, self.trigger = self.listeners[0]._map, self.listeners[0].trigger
 
+    @property
+    def closed(self) -> bool:
+        """Whether the trigger is closed: waitress would still write to its descriptor."""
+        return getattr(self.trigger, "_closed", False)
+
     def run_in_loop(self, fn) -> bool:
-        if getattr(self.trigger, "_closed", False):  # waitress would write to its closed descriptor
+        if self.closed:
             return False
         try:
             self.trigger.pull_trigger(fn)
@@ -160,8 +165,8 @@ class Loop:
 
     def close(self) -> None:
         """Close everything from another thread while the loop runs: run() returns."""
-        if getattr(self.trigger, "_closed", False):
-            return  # closed already
+        if self.closed:
+            return
         if not self.run_in_loop(self.close_here):
             self.server.close()  # close from here, as before
 
