@@ -198,12 +198,11 @@ class Loop:
                    if isinstance(ch, HTTPChannel) and (ch.requests or ch.total_outbufs_len))
 
 
-def drain(loop: Loop, timeout_s: float, poll_s: float = 0.05, cancel: threading.Event | None = None) -> int:
+def drain(loop: Loop, timeout_s: float, cancel: threading.Event, poll_s: float = 0.05) -> int:
     """The first half of a graceful stop of a running server, from another thread: refuse new
     connections and wait while the requests received are answered, until none is left, `timeout_s`
     has passed or `cancel` is set. The caller then closes the rest (`loop.close()`: run() returns).
     Returns how many requests are left unanswered (0: none)."""
-    cancel = cancel or threading.Event()
     loop.stop_listening()
     end = time.monotonic() + timeout_s
     while (left := loop.in_progress()) and time.monotonic() < end and not cancel.wait(poll_s):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from engine.settings import REPO_ROOT
-from tests.helpers import DEFAULT_MODEL
+from tests.helpers import DEFAULT_MODEL, wait_until
 from tests.server_process import free_port
 
 
@@ -175,7 +175,6 @@ def test_sigterm_answers_the_requests_received_before_it_stops(model_dir, tmp_pa
     answers a new request on an open keep-alive connection 503 with Retry-After, finishes the reply
     it was giving, and only then exits 0; nothing it received is lost (it was cut off before)."""
     import json
-    import time
 
     import requests
 
@@ -193,9 +192,7 @@ def test_sigterm_answers_the_requests_received_before_it_stops(model_dir, tmp_pa
         first = json.loads(next(lines))
         assert not first["done"]
         server.process.send_signal(signal.SIGTERM)
-        while "finishing the requests received" not in server.log():  # the signal was handled
-            assert server.process.poll() is None, server.log()[-2000:]
-            time.sleep(0.05)
+        wait_for_log(server, "finishing the requests received")  # the signal was handled
         with pytest.raises(requests.ConnectionError):
             requests.get(server.url + "/health", timeout=30)
         refused = kept.get(server.url + "/api/tags", timeout=30)
@@ -280,7 +277,6 @@ def test_signals_after_run_returned_change_nothing():
 
 def test_the_second_signal_closes_the_loop_once():
     import threading
-    import time
 
     from engine.server import GracefulStop
 
@@ -289,17 +285,13 @@ def test_the_second_signal_closes_the_loop_once():
     stop.signal(signal.SIGINT, None)
     assert draining.wait(60)
     stop.signal(signal.SIGINT, None)
-    for _ in range(1200):
-        if loop.closed:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: loop.closed, what="the loop to be closed")
     stop.closing()
     assert loop.closed == 1
 
 
 def wait_for_log(server, text: str) -> None:
-    import time
-
-    while text not in server.log():
-        assert server.process.poll() is None, server.log()[-2000:]
-        time.sleep(0.05)
+    """Until the engine has logged `text`; it must not exit first."""
+    wait_until(lambda: text in server.log() or server.process.poll() is not None, timeout_s=300,
+               what=f"the engine to log {text!r}")
+    assert text in server.log(), server.log()[-2000:]
